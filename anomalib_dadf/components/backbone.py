@@ -1,0 +1,121 @@
+"""Checks a timm CNN backbone and layer choice before any weights are loaded.
+
+DADF needs exactly three feature maps whose strides divide each other, so that every scale can be
+patch-embedded onto the grid of the coarsest one. This module reads channels and strides from timm's
+``feature_info`` (never from a table), so any timm CNN with ``features_only`` support works.
+"""
+
+from dataclasses import dataclass
+from collections.abc import Sequence
+
+import timm
+
+NUM_SCALES = 3
+
+
+@dataclass(frozen=True)
+class PriorScales:
+    """What DADF needs to know about the prior's feature maps.
+
+    Attributes:
+        indices: timm ``out_indices`` of the requested layers, in the order given.
+        channels: Channels of each feature map.
+        strides: Stride (reduction) of each feature map relative to the input.
+    """
+
+    indices: tuple[int, ...]
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    @property
+    def grid_stride(self) -> int:
+        """Stride of the coarsest scale, which sets the token grid."""
+        return max(self.strides)
+
+    @property
+    def patch_sizes(self) -> tuple[int, ...]:
+        """Patch size that maps each scale onto the token grid."""
+        return tuple(self.grid_stride // stride for stride in self.strides)
+
+    def grid_size(self, input_size: Sequence[int]) -> tuple[int, int]:
+        """Token grid for an input size.
+
+        Raises:
+            ValueError: If the input size is not a multiple of the coarsest stride.
+        """
+        height, width = (int(size) for size in input_size)
+        if height % self.grid_stride or width % self.grid_stride or height <= 0 or width <= 0:
+            lower_h = max(self.grid_stride, height // self.grid_stride * self.grid_stride)
+            lower_w = max(self.grid_stride, width // self.grid_stride * self.grid_stride)
+            msg = (
+                f"Input size {height}x{width} does not fit the token grid: both sides must be positive "
+                f"multiples of the coarsest feature stride ({self.grid_stride}). "
+                f"Resize the images to, for example, {lower_h}x{lower_w} with the pre-processor."
+            )
+            raise ValueError(msg)
+        return height // self.grid_stride, width // self.grid_stride
+
+    def feature_shapes(self, input_size: Sequence[int]) -> list[tuple[int, int, int]]:
+        """``(channels, height, width)`` of every feature map for an input size."""
+        height, width = (int(size) for size in input_size)
+        return [
+            (channels, height // stride, width // stride)
+            for channels, stride in zip(self.channels, self.strides, strict=True)
+        ]
+
+
+def describe_prior(backbone: str, layers: Sequence[str]) -> PriorScales:
+    """Validate a backbone and its layers and describe the feature maps they give.
+
+    Builds the backbone without weights, so nothing is downloaded.
+
+    Args:
+        backbone: timm model name of a CNN, for example ``"wide_resnet50_2"``.
+        layers: Names of the three feature layers, from finest to coarsest.
+
+    Returns:
+        PriorScales: Indices, channels and strides of the requested layers.
+
+    Raises:
+        ValueError: Unknown backbone, a backbone without multi-scale features, unknown layers,
+            not exactly three layers, or strides that do not divide the coarsest one.
+    """
+    if not timm.is_model(backbone):
+        close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
+        hint = f" Similar names: {', '.join(close)}." if close else ""
+        msg = f"Unknown backbone '{backbone}': it is not a timm model name.{hint} See timm.list_models()."
+        raise ValueError(msg)
+    try:
+        probe = timm.create_model(backbone, pretrained=False, features_only=True)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as error:
+        msg = (
+            f"Backbone '{backbone}' cannot give multi-scale feature maps (timm features_only failed: {error}). "
+            "Use a CNN such as 'wide_resnet50_2', 'resnet18' or 'tf_efficientnet_lite0'."
+        )
+        raise ValueError(msg) from error
+
+    info = probe.feature_info.info
+    available = [entry["module"] for entry in info]
+    layers = list(layers)
+    if len(layers) != NUM_SCALES:
+        msg = (
+            f"DADF uses exactly {NUM_SCALES} feature layers (fine, middle, coarse), got {len(layers)}: {layers}. "
+            f"Layers of '{backbone}': {available}."
+        )
+        raise ValueError(msg)
+    missing = [layer for layer in layers if layer not in available]
+    if missing:
+        msg = f"Layer(s) {missing} not found in backbone '{backbone}'. Available layers: {available}."
+        raise ValueError(msg)
+
+    indices = tuple(available.index(layer) for layer in layers)
+    strides = tuple(int(info[index]["reduction"]) for index in indices)
+    channels = tuple(int(info[index]["num_chs"]) for index in indices)
+    coarsest = max(strides)
+    if any(coarsest % stride for stride in strides) or len(set(strides)) != NUM_SCALES:
+        msg = (
+            f"Layers {layers} of '{backbone}' have strides {list(strides)}: DADF needs three different strides "
+            "that each divide the coarsest one (for example 4, 8, 16)."
+        )
+        raise ValueError(msg)
+    return PriorScales(indices=indices, channels=channels, strides=strides)

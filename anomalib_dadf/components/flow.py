@@ -1,0 +1,75 @@
+"""Discriminative flow: a 2-D normalizing flow over [prior, local, global] at one scale."""
+
+from collections.abc import Callable
+
+import torch
+from FrEIA.framework import SequenceINN
+from FrEIA.modules import AllInOneBlock
+from torch import nn
+
+
+def depthwise_subnet(kernel_size: int, hidden_ratio: int) -> Callable[[int, int], nn.Module]:
+    """Coupling subnet constructor: depthwise conv, LeakyReLU(0.1), pointwise conv.
+
+    Args:
+        kernel_size: Kernel of the depthwise convolution (3 or 1 in DADF, alternating by step).
+        hidden_ratio: Depthwise channel multiplier.
+
+    Returns:
+        Callable[[int, int], nn.Module]: ``f(in_channels, out_channels)`` as FrEIA expects.
+    """
+
+    def build(in_channels: int, out_channels: int) -> nn.Module:
+        hidden_channels = in_channels * hidden_ratio
+        return nn.Sequential(
+            nn.Conv2d(in_channels, hidden_channels, kernel_size, padding=kernel_size // 2, groups=in_channels),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(hidden_channels, out_channels, 1),
+        )
+
+    return build
+
+
+class DiscriminativeFlow(nn.Module):
+    """LayerNorm over the concatenated features followed by FrEIA ``AllInOneBlock`` steps.
+
+    Args:
+        feature_shape: ``(channels, height, width)`` of the prior at this scale.
+        flow_steps: Number of coupling steps; the depthwise kernel alternates 3x3 and 1x1.
+        clamp: Affine clamping of the couplings.
+        hidden_ratio: Depthwise channel multiplier of the coupling subnets.
+    """
+
+    def __init__(
+        self,
+        feature_shape: tuple[int, int, int],
+        flow_steps: int = 8,
+        clamp: float = 2.0,
+        hidden_ratio: int = 1,
+    ) -> None:
+        super().__init__()
+        channels, height, width = feature_shape
+        flow_shape = (3 * channels, height, width)
+        self.norm = nn.LayerNorm(list(flow_shape))
+        self.flow = SequenceINN(*flow_shape)
+        for step in range(flow_steps):
+            self.flow.append(
+                AllInOneBlock,
+                subnet_constructor=depthwise_subnet(3 if step % 2 == 0 else 1, hidden_ratio),
+                affine_clamping=clamp,
+                permute_soft=False,
+            )
+
+    def forward(
+        self,
+        prior: torch.Tensor,
+        local: torch.Tensor,
+        global_: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map the three views of one scale to the latent space.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor]: Latent ``z`` with shape ``(B, 3C, H, W)`` and the
+            log-determinant of the Jacobian per image, shape ``(B,)``.
+        """
+        return self.flow(self.norm(torch.cat([prior, local, global_], dim=1)))

@@ -1,0 +1,224 @@
+"""Lightning module of DADF for anomalib.
+
+One ``anomalib train`` run trains both of DADF's stages: for ``reconstruction_epochs`` epochs the
+Transformer learns to reconstruct the frozen prior (AdamW), then for ``flow_epochs`` epochs the
+flows learn the likelihood of [prior, local, global] with the Transformer frozen (Adam). The stage
+follows from the epoch counter, so resuming from a checkpoint continues in the right stage with
+both optimizers' states.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_dadf import Dadf
+    >>> engine = Engine()
+    >>> engine.train(model=Dadf(), datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
+
+Paper:
+    Dual-Attention Transformer and Discriminative Flow for Industrial Visual Anomaly Detection,
+    Yao et al., IEEE T-ASE 2023, https://arxiv.org/abs/2303.17882
+"""
+
+import logging
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import optim
+
+from .loss import FlowLoss, ReconstructionLoss
+from .torch_model import DadfModel
+
+logger = logging.getLogger(__name__)
+
+
+class Stage(str, Enum):
+    """DADF's training stages, in order."""
+
+    RECONSTRUCTION = "reconstruction"
+    FLOW = "flow"
+
+
+class Dadf(AnomalibModule):
+    """DADF: Dual-Attention Transformer and Discriminative Flow.
+
+    Args:
+        backbone (str): timm CNN giving the frozen prior. Defaults to ``"wide_resnet50_2"``.
+        layers (Sequence[str]): Three backbone layers, finest first.
+            Defaults to ``("layer1", "layer2", "layer3")``.
+        pre_trained (bool): Load the backbone's ImageNet weights. Defaults to ``True``.
+        embed_dim (int): Patch-embedding width per scale; tokens are three times as wide.
+            Defaults to ``480``.
+        depth (int): Dual-attention blocks. Defaults to ``8``.
+        num_heads (int): Attention heads. Defaults to ``8``.
+        mlp_ratio (float): MLP width relative to the token width. Defaults to ``4.0``.
+        flow_steps (int): Coupling steps per scale. Defaults to ``8``.
+        flow_clamp (float): Affine clamping of the couplings. Defaults to ``2.0``.
+        flow_hidden_ratio (int): Depthwise channel multiplier of the coupling subnets. Defaults to ``1``.
+        reconstruction_epochs (int): Epochs of stage 1 (Transformer). Defaults to ``200``.
+        flow_epochs (int): Epochs of stage 2 (flows). Defaults to ``15``.
+        reconstruction_lr (float): AdamW learning rate of stage 1. Defaults to ``1e-4``.
+        flow_lr (float): Adam learning rate of stage 2. Defaults to ``1e-3``.
+        flow_weight_decay (float): Adam weight decay of stage 2. Defaults to ``1e-5``.
+        pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for anomalib's default
+            (resize to 256x256, ImageNet normalisation). Defaults to ``True``.
+        post_processor (PostProcessor | bool): Post-processor. Defaults to ``True``.
+        evaluator (Evaluator | bool): Evaluator. Defaults to ``True``.
+        visualizer (Visualizer | bool): Visualizer. Defaults to ``True``.
+
+    Raises:
+        ValueError: On a configuration that cannot work: unknown backbone or layers, not three
+            layers, an input size the token grid cannot take, or a stage without epochs.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        pre_trained: bool = True,
+        embed_dim: int = 480,
+        depth: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        flow_steps: int = 8,
+        flow_clamp: float = 2.0,
+        flow_hidden_ratio: int = 1,
+        reconstruction_epochs: int = 200,
+        flow_epochs: int = 15,
+        reconstruction_lr: float = 1e-4,
+        flow_lr: float = 1e-3,
+        flow_weight_decay: float = 1e-5,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        for name, epochs in (("reconstruction_epochs", reconstruction_epochs), ("flow_epochs", flow_epochs)):
+            if epochs < 1:
+                msg = f"{name} must be at least 1, got {epochs}: DADF trains both stages, each for at least one epoch."
+                raise ValueError(msg)
+        if self.input_size is None:
+            msg = "DADF builds its token grid from the input size: give it a pre-processor that resizes images."
+            raise ValueError(msg)
+
+        self.reconstruction_epochs = reconstruction_epochs
+        self.flow_epochs = flow_epochs
+        self.reconstruction_lr = reconstruction_lr
+        self.flow_lr = flow_lr
+        self.flow_weight_decay = flow_weight_decay
+        # Two stages with two optimizers of different kinds: Lightning needs manual optimization for that.
+        self.automatic_optimization = False
+
+        self.model = DadfModel(
+            input_size=self.input_size,
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            flow_steps=flow_steps,
+            flow_clamp=flow_clamp,
+            flow_hidden_ratio=flow_hidden_ratio,
+        )
+        self.reconstruction_loss = ReconstructionLoss()
+        self.loss = FlowLoss()
+
+    @property
+    def stage(self) -> Stage:
+        """Stage of the current training epoch."""
+        return Stage.RECONSTRUCTION if self.current_epoch < self.reconstruction_epochs else Stage.FLOW
+
+    def setup(self, stage: str) -> None:
+        """Let DDP accept the parameters of the stage that is not training.
+
+        Each stage leaves the other stage's parameters without gradients. Freezing them through
+        ``requires_grad`` instead would hide the flows from DDP's gradient synchronisation for good
+        when training starts in stage 1, so DDP is told to expect unused parameters.
+        """
+        del stage
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
+            logger.info("DADF trains its stages in turn: enabling DDP's find_unused_parameters.")
+            strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001
+
+    def on_train_epoch_start(self) -> None:
+        """Keep the Transformer in eval mode while it is frozen."""
+        self.model.transformer.train(self.stage == Stage.RECONSTRUCTION)
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Run one optimisation step of the current stage.
+
+        Args:
+            batch (Batch): Training batch of normal images.
+            args: Unused.
+            kwargs: Unused.
+
+        Returns:
+            STEP_OUTPUT: The stage's loss.
+        """
+        del args, kwargs
+        reconstruction_optimizer, flow_optimizer = self.optimizers()
+        priors = self.model.extract_priors(batch.image)
+        if self.stage == Stage.RECONSTRUCTION:
+            optimizer = reconstruction_optimizer
+            loss = self.reconstruction_loss(priors, *self.model.reconstruct(priors))
+        else:
+            optimizer = flow_optimizer
+            with torch.no_grad():
+                local, global_ = self.model.reconstruct(priors)
+            loss = self.loss(*self.model.discriminate(priors, local, global_))
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.log(
+            f"train_{self.stage.value}_loss",
+            loss.detach(),
+            on_epoch=True,
+            prog_bar=True,
+            logger=True,
+            batch_size=batch.image.shape[0],
+        )
+        return {"loss": loss.detach()}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a validation batch; anomalib's post-processor learns thresholds from it."""
+        del args, kwargs
+        return batch.update(**self.model(batch.image)._asdict())
+
+    def configure_optimizers(self) -> list[optim.Optimizer]:
+        """One optimizer per stage: AdamW for the Transformer, Adam for the flows."""
+        return [
+            optim.AdamW(self.model.transformer.parameters(), lr=self.reconstruction_lr, betas=(0.9, 0.95)),
+            optim.Adam(self.model.flows.parameters(), lr=self.flow_lr, weight_decay=self.flow_weight_decay),
+        ]
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """Run both stages; manual optimisation leaves no automatic gradient clipping."""
+        return {
+            "max_epochs": self.reconstruction_epochs + self.flow_epochs,
+            "gradient_clip_val": None,
+            "num_sanity_val_steps": 0,
+        }
+
+    @property
+    def learning_type(self) -> LearningType:
+        """DADF learns from normal images only."""
+        return LearningType.ONE_CLASS

@@ -1,0 +1,123 @@
+"""PyTorch model of DADF: frozen prior, dual-attention Transformer, discriminative flows.
+
+Example:
+    >>> import torch
+    >>> from anomalib_dadf.torch_model import DadfModel
+    >>> model = DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False,
+    ...                   embed_dim=32, depth=1, num_heads=2, flow_steps=2).eval()
+    >>> output = model(torch.rand(2, 3, 64, 64))
+    >>> output.anomaly_map.shape, output.pred_score.shape
+    (torch.Size([2, 1, 64, 64]), torch.Size([2, 1]))
+"""
+
+from collections.abc import Sequence
+
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components import TimmFeatureExtractor
+from torch import nn
+
+from .anomaly_map import AnomalyMapGenerator
+from .components import DiscriminativeFlow, DualAttentionTransformer, describe_prior
+
+
+class DadfModel(nn.Module):
+    """DADF: Dual-Attention Transformer and Discriminative Flow.
+
+    Args:
+        input_size: Height and width of the (pre-processed) input images.
+        backbone: timm CNN that gives the frozen prior.
+        layers: Three backbone layers, finest first.
+        pre_trained: Load the backbone's pretrained weights.
+        embed_dim: Patch-embedding width per scale (tokens are three times as wide).
+        depth: Number of dual-attention blocks.
+        num_heads: Attention heads.
+        mlp_ratio: MLP width of the blocks relative to the token width.
+        flow_steps: Coupling steps per scale.
+        flow_clamp: Affine clamping of the couplings.
+        flow_hidden_ratio: Depthwise channel multiplier of the coupling subnets.
+    """
+
+    def __init__(
+        self,
+        input_size: Sequence[int],
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
+        pre_trained: bool = True,
+        embed_dim: int = 480,
+        depth: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        flow_steps: int = 8,
+        flow_clamp: float = 2.0,
+        flow_hidden_ratio: int = 1,
+    ) -> None:
+        super().__init__()
+        scales = describe_prior(backbone, layers)
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        grid_size = scales.grid_size(self.input_size)
+        self.feature_extractor = TimmFeatureExtractor(
+            backbone=backbone,
+            layers=list(scales.indices),
+            pre_trained=pre_trained,
+        )
+        self.transformer = DualAttentionTransformer(
+            channels=scales.channels,
+            patch_sizes=scales.patch_sizes,
+            grid_size=grid_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+        )
+        self.flows = nn.ModuleList(
+            DiscriminativeFlow(shape, flow_steps=flow_steps, clamp=flow_clamp, hidden_ratio=flow_hidden_ratio)
+            for shape in scales.feature_shapes(self.input_size)
+        )
+        self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.input_size)
+
+    def extract_priors(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen multi-scale features of normalised images, finest first.
+
+        Raises:
+            ValueError: If the images are not ``(B, 3, H, W)`` with the model's input size.
+        """
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.input_size:
+            height, width = self.input_size
+            msg = (
+                f"DADF expects images of shape (batch, 3, {height}, {width}), got {tuple(images.shape)}. "
+                "Resize them with the model's pre-processor (anomalib's default does this), convert grayscale "
+                "images to 3 channels, or build the model for this input size."
+            )
+            raise ValueError(msg)
+        return list(self.feature_extractor(images).values())
+
+    def reconstruct(self, priors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Local and global reconstructions of the priors."""
+        return self.transformer(priors)
+
+    def discriminate(
+        self,
+        priors: Sequence[torch.Tensor],
+        local: Sequence[torch.Tensor],
+        global_: Sequence[torch.Tensor],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Latents and log-Jacobian determinants of the flows, one per scale."""
+        outputs = [
+            flow(*views) for flow, views in zip(self.flows, zip(priors, local, global_, strict=True), strict=True)
+        ]
+        return [latent for latent, _ in outputs], [log_jacobian for _, log_jacobian in outputs]
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Score images.
+
+        Args:
+            images: Normalised images, ``(B, 3, H, W)``.
+
+        Returns:
+            InferenceBatch: ``anomaly_map`` ``(B, 1, H, W)`` and ``pred_score`` (the map's maximum).
+        """
+        priors = self.extract_priors(images)
+        latents, _ = self.discriminate(priors, *self.reconstruct(priors))
+        anomaly_map = self.anomaly_map_generator(latents)
+        return InferenceBatch(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)
