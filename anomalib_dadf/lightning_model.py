@@ -27,7 +27,7 @@ import torch
 from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
-from anomalib.models.components import AnomalibModule
+from anomalib.models.components import AnomalibModule, TimmFeatureExtractor
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
@@ -124,21 +124,51 @@ class Dadf(AnomalibModule):
         # Two stages with two optimizers of different kinds: Lightning needs manual optimization for that.
         self.automatic_optimization = False
 
-        self.model = DadfModel(
-            input_size=self.input_size,
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            flow_steps=flow_steps,
-            flow_clamp=flow_clamp,
-            flow_hidden_ratio=flow_hidden_ratio,
-        )
+        self.model = self._build_model(self.input_size)
         self.reconstruction_loss = ReconstructionLoss()
         self.loss = FlowLoss()
+
+    def _build_model(self, input_size: Sequence[int]) -> DadfModel:
+        """Build the torch model without backbone weights.
+
+        The frozen backbone is part of every checkpoint, so restoring one never needs the pretrained
+        weights; they are loaded in :meth:`on_fit_start` when training starts from scratch.
+        """
+        model_arguments = {
+            key: self.hparams[key]
+            for key in (
+                "backbone",
+                "layers",
+                "embed_dim",
+                "depth",
+                "num_heads",
+                "mlp_ratio",
+                "flow_steps",
+                "flow_clamp",
+                "flow_hidden_ratio",
+            )
+        }
+        return DadfModel(input_size=input_size, pre_trained=False, **model_arguments)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the pre-processor, then rebuild the model if the checkpoint's input size differs.
+
+        The token grid and the flows' norms depend on the input size, which the checkpoint's
+        pre-processor defines; the state dict is loaded after this hook.
+        """
+        super().on_load_checkpoint(checkpoint)
+        if self.input_size is not None and tuple(self.input_size) != self.model.input_size:
+            self.model = self._build_model(self.input_size)
+
+    def on_fit_start(self) -> None:
+        """Load the backbone's pretrained weights when training starts from scratch."""
+        if self.hparams["pre_trained"] and self.trainer.ckpt_path is None:
+            pretrained = TimmFeatureExtractor(
+                backbone=self.hparams["backbone"],
+                layers=self.model.feature_extractor.layers,
+                pre_trained=True,
+            )
+            self.model.feature_extractor.load_state_dict(pretrained.state_dict())
 
     @property
     def stage(self) -> Stage:

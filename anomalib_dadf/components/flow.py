@@ -3,8 +3,8 @@
 from collections.abc import Callable
 
 import torch
+from anomalib.models.components.flow import AllInOneBlock
 from FrEIA.framework import SequenceINN
-from FrEIA.modules import AllInOneBlock
 from torch import nn
 
 
@@ -31,7 +31,11 @@ def depthwise_subnet(kernel_size: int, hidden_ratio: int) -> Callable[[int, int]
 
 
 class DiscriminativeFlow(nn.Module):
-    """LayerNorm over the concatenated features followed by FrEIA ``AllInOneBlock`` steps.
+    """LayerNorm over the concatenated features followed by ``AllInOneBlock`` steps in a FrEIA ``SequenceINN``.
+
+    The block is anomalib's port of FrEIA's ``AllInOneBlock`` (same maths, a FrEIA
+    ``InvertibleModule``): FrEIA's own keeps a lambda, which ``torch.save`` cannot pickle, so a
+    model built with it could not be exported to Torch.
 
     Args:
         feature_shape: ``(channels, height, width)`` of the prior at this scale.
