@@ -61,6 +61,7 @@ class DadfModel(nn.Module):
             layers=list(scales.indices),
             pre_trained=pre_trained,
         )
+        self.feature_extractor.requires_grad_(False)
         self.transformer = DualAttentionTransformer(
             channels=scales.channels,
             patch_sizes=scales.patch_sizes,

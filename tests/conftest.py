@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models and generated data, all offline."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub; fail fast instead of waiting on a network that is not there.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from anomalib.pre_processing import PreProcessor  # noqa: E402
+from torchvision.transforms.v2 import Compose, Normalize, Resize  # noqa: E402
+
+from .synthetic import make_mvtec  # noqa: E402
+
+TINY_MODEL = {
+    "backbone": "resnet18",
+    "pre_trained": False,
+    "embed_dim": 16,
+    "depth": 1,
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+    "flow_steps": 2,
+}
+
+
+def small_pre_processor(size: int = 64) -> PreProcessor:
+    """anomalib's default pre-processing at a small input size."""
+    return PreProcessor(
+        transform=Compose([
+            Resize((size, size), antialias=True),
+            Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]),
+    )
+
+
+@pytest.fixture(scope="session")
+def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A generated MVTec AD-style data set with one category, ``widget``."""
+    return make_mvtec(tmp_path_factory.mktemp("mvtec"))

@@ -1,0 +1,150 @@
+"""Unit tests of DADF's parts: prior description, dual attention, flows, torch model."""
+
+import pytest
+import torch
+
+from anomalib_dadf.components import DiscriminativeFlow, DualAttention, DualAttentionTransformer, describe_prior
+from anomalib_dadf.torch_model import DadfModel
+
+BACKBONES = {
+    "resnet18": (("layer1", "layer2", "layer3"), (64, 128, 256)),
+    "tf_efficientnet_lite0": (("blocks.1", "blocks.2", "blocks.4"), (24, 40, 112)),
+}
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_prior_is_read_from_the_backbone(backbone: str) -> None:
+    layers, channels = BACKBONES[backbone]
+    scales = describe_prior(backbone, layers)
+    assert scales.channels == channels
+    assert scales.strides == (4, 8, 16)
+    assert scales.patch_sizes == (4, 2, 1)
+    assert scales.grid_size((256, 192)) == (16, 12)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "layers", "message"),
+    [
+        ("resnet_does_not_exist", ("layer1", "layer2", "layer3"), "Unknown backbone"),
+        ("resnet18", ("layer1", "layer2", "layer9"), r"Layer\(s\) \['layer9'\] not found"),
+        ("resnet18", ("layer1", "layer2"), "exactly 3 feature layers"),
+        ("resnet18", ("layer1", "layer2", "layer3", "layer4"), "exactly 3 feature layers"),
+        ("resnet18", ("layer1", "layer1", "layer2"), "three different strides"),
+    ],
+)
+def test_bad_backbone_configuration_is_named(backbone: str, layers: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        describe_prior(backbone, layers)
+
+
+def test_input_size_must_fit_the_grid() -> None:
+    scales = describe_prior("resnet18", ("layer1", "layer2", "layer3"))
+    with pytest.raises(ValueError, match=r"multiples of the coarsest feature stride \(16\).*for example, 96x256"):
+        scales.grid_size((100, 256))
+
+
+def _tiny_model(backbone: str, input_size: tuple[int, int]) -> DadfModel:
+    layers, _ = BACKBONES[backbone]
+    return DadfModel(
+        input_size=input_size,
+        backbone=backbone,
+        layers=layers,
+        pre_trained=False,
+        embed_dim=16,
+        depth=2,
+        num_heads=2,
+        flow_steps=2,
+    )
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_shapes_through_every_part(backbone: str) -> None:
+    input_size = (64, 96)
+    model = _tiny_model(backbone, input_size).eval()
+    images = torch.rand(3, 3, *input_size)
+    _, channels = BACKBONES[backbone]
+
+    priors = model.extract_priors(images)
+    assert [tuple(prior.shape) for prior in priors] == [
+        (3, channels[0], 16, 24),
+        (3, channels[1], 8, 12),
+        (3, channels[2], 4, 6),
+    ]
+    local, global_ = model.reconstruct(priors)
+    assert [map_.shape for map_ in local] == [prior.shape for prior in priors]
+    assert [map_.shape for map_ in global_] == [prior.shape for prior in priors]
+    latents, log_jacobians = model.discriminate(priors, local, global_)
+    assert [latent.shape[1] for latent in latents] == [3 * channel for channel in channels]
+    assert [latent.shape[-2:] for latent in latents] == [prior.shape[-2:] for prior in priors]
+    assert all(log_jacobian.shape == (3,) for log_jacobian in log_jacobians)
+
+    output = model(images)
+    assert output.anomaly_map.shape == (3, 1, *input_size)
+    assert output.pred_score.shape == (3, 1)
+    assert torch.allclose(output.pred_score, output.anomaly_map.amax(dim=(-2, -1)))
+
+
+def test_wrong_images_get_a_clear_error() -> None:
+    model = _tiny_model("resnet18", (64, 64)).eval()
+    with pytest.raises(ValueError, match=r"expects images of shape \(batch, 3, 64, 64\), got \(1, 3, 80, 64\)"):
+        model(torch.rand(1, 3, 80, 64))
+    with pytest.raises(ValueError, match="convert grayscale images to 3 channels"):
+        model(torch.rand(1, 1, 64, 64))
+
+
+def _perturb_first_value_projection(attention: DualAttention) -> torch.utils.hooks.RemovableHandle:
+    """Add noise to the values (not queries or keys) of the first stream that passes ``qkv``: the image."""
+    calls = []
+
+    def hook(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        calls.append(None)
+        if len(calls) > 1:
+            return None
+        output = output.clone()
+        value_slice = slice(2 * attention.attn_dim, 3 * attention.attn_dim)
+        output[..., value_slice] += torch.randn_like(output[..., value_slice])
+        return output
+
+    return attention.qkv.register_forward_hook(hook)
+
+
+def test_memorial_attention_only_mixes_memory_content() -> None:
+    torch.manual_seed(0)
+    attention = DualAttention(dim=24, num_heads=3, qkv_bias=True).eval()
+    tokens, memory = torch.randn(2, 10, 24), torch.randn(2, 10, 24)
+    local, memorial = attention(tokens, memory)
+
+    handle = _perturb_first_value_projection(attention)
+    perturbed_local, perturbed_memorial = attention(tokens, memory)
+    handle.remove()
+
+    assert torch.allclose(memorial, perturbed_memorial, atol=1e-6)
+    assert not torch.allclose(local, perturbed_local, atol=1e-3)
+    # The memory does look at the image: changing the image's keys changes its output.
+    assert not torch.allclose(memorial, attention(tokens + torch.randn_like(tokens), memory)[1], atol=1e-3)
+
+
+def test_both_streams_share_block_weights() -> None:
+    transformer = DualAttentionTransformer(channels=(4, 8, 16), patch_sizes=(4, 2, 1), grid_size=(2, 3), embed_dim=8)
+    qkv_layers = [module for name, module in transformer.named_modules() if name.endswith("attn.qkv")]
+    assert len(qkv_layers) == len(transformer.blocks) == 8
+    assert transformer.memory.shape == (1, 6, 24)
+
+
+def test_flow_is_invertible_and_its_log_determinant_is_exact() -> None:
+    torch.manual_seed(0)
+    flow = DiscriminativeFlow((2, 2, 2), flow_steps=4).double()
+    # Give the couplings non-trivial scales and shifts (subnets start near zero otherwise).
+    with torch.no_grad():
+        for parameter in (parameter for parameter in flow.flow.parameters() if parameter.requires_grad):
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    inputs = torch.randn(1, 6, 2, 2, dtype=torch.float64)
+
+    latent, log_jacobian = flow.flow(inputs)
+    reconstructed, _ = flow.flow(latent, rev=True)
+    assert torch.allclose(reconstructed, inputs, atol=1e-10)
+
+    jacobian = torch.autograd.functional.jacobian(lambda x: flow.flow(x.view(1, 6, 2, 2))[0].flatten(), inputs.flatten())
+    _, numerical = torch.linalg.slogdet(jacobian)
+    assert abs(log_jacobian.item()) > 0.1
+    assert log_jacobian.item() == pytest.approx(numerical.item(), abs=1e-8)
