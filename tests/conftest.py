@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from anomalib.pre_processing import PreProcessor  # noqa: E402
 from torchvision.transforms.v2 import Compose, Normalize, Resize  # noqa: E402
 
-from .synthetic import make_mvtec  # noqa: E402
+from anomalib_dadf.data.synthetic import make_mvtec  # noqa: E402
 
 TINY_MODEL = {
     "backbone": "resnet18",
