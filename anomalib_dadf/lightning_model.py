@@ -162,13 +162,24 @@ class Dadf(AnomalibModule):
 
     def on_fit_start(self) -> None:
         """Load the backbone's pretrained weights when training starts from scratch."""
-        if self.hparams["pre_trained"] and self.trainer.ckpt_path is None:
+        if not self.hparams["pre_trained"] or self.trainer.ckpt_path is not None:
+            return
+        backbone = self.hparams["backbone"]
+        try:
             pretrained = TimmFeatureExtractor(
-                backbone=self.hparams["backbone"],
+                backbone=backbone,
                 layers=self.model.feature_extractor.layers,
                 pre_trained=True,
             )
-            self.model.feature_extractor.load_state_dict(pretrained.state_dict())
+        except (OSError, ValueError, RuntimeError) as error:
+            msg = (
+                f"Could not load the pretrained weights of backbone '{backbone}' ({type(error).__name__}). "
+                "Online: check the connection to the Hugging Face hub. Offline: put timm's weights for this "
+                "backbone in the Hugging Face cache ($HF_HOME/hub) and set HF_HUB_OFFLINE=1. For a smoke test "
+                "only, train with pre_trained=False (a random prior)."
+            )
+            raise RuntimeError(msg) from error
+        self.model.feature_extractor.load_state_dict(pretrained.state_dict())
 
     @property
     def stage(self) -> Stage:
