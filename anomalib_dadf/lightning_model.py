@@ -199,10 +199,6 @@ class Dadf(AnomalibModule):
             logger.info("DADF trains its stages in turn: enabling DDP's find_unused_parameters.")
             strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001
 
-    def on_train_epoch_start(self) -> None:
-        """Keep the Transformer in eval mode while it is frozen."""
-        self.model.transformer.train(self.stage == Stage.RECONSTRUCTION)
-
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Run one optimisation step of the current stage.
 
