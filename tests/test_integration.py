@@ -12,6 +12,7 @@ from anomalib.engine import Engine
 
 from anomalib_dadf import Dadf
 from anomalib_dadf.data import MVTec
+from anomalib_dadf.data.synthetic import make_mvtec_loco
 
 from .conftest import TINY_MODEL, small_pre_processor
 
@@ -103,6 +104,18 @@ def test_command_line_train_test_predict_export(mvtec_root: Path, tmp_path: Path
     assert prediction.anomaly_map.shape == (1, 1, 256, 256)
 
 
+def test_command_line_trains_on_mvtec_loco(tmp_path: Path) -> None:
+    root = make_mvtec_loco(tmp_path / "loco")
+    output = anomalib_cli(
+        "train", *TINY_CLI_MODEL, "--model.reconstruction_epochs=1", "--model.flow_epochs=1",
+        "--data", "MVTecLOCO", f"--data.root={root}", "--data.category=box", "--data.num_workers=0",
+        f"--default_root_dir={tmp_path / 'results'}",
+        cwd=tmp_path,
+    )
+    assert "image_AUROC" in output
+    assert "pixel_AUROC" in output
+
+
 DDP_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -110,6 +123,7 @@ from anomalib.engine import Engine
 from lightning.pytorch.strategies import DDPStrategy
 from anomalib_dadf import Dadf
 from anomalib_dadf.data import MVTec
+from anomalib_dadf.data.synthetic import make_mvtec_loco
 from tests.conftest import TINY_MODEL, small_pre_processor
 
 root, out, devices = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

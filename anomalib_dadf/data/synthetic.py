@@ -57,6 +57,32 @@ def make_mvtec(
     return root
 
 
+def make_mvtec_loco(root: Path, category: str = "box", n_train: int = 8, size: int = 64, seed: int = 0) -> Path:
+    """Write an MVTec LOCO AD-style category: ``train``, ``validation`` and ``test`` folders with
+    ``logical_anomalies`` and ``structural_anomalies``, one ground-truth folder of PNGs per anomalous image.
+
+    Returns:
+        Path: The data set root (the folder holding the category).
+    """
+    rng = np.random.default_rng(seed)
+    base = root / category
+    for folder, count in (("train/good", n_train), ("validation/good", 2), ("test/good", 3)):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            Image.fromarray(_texture(rng, size)).save(base / folder / f"{index:03d}.png")
+    for kind in ("logical_anomalies", "structural_anomalies"):
+        (base / "test" / kind).mkdir(parents=True, exist_ok=True)
+        for index in range(2):
+            image = _texture(rng, size)
+            mask = _defect_mask(rng, size)
+            image[mask > 0] = rng.integers(0, 255, 3, dtype=np.uint8)
+            Image.fromarray(image).save(base / "test" / kind / f"{index:03d}.png")
+            truth = base / "ground_truth" / kind / f"{index:03d}"
+            truth.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(truth / "000.png")
+    return root
+
+
 def main() -> None:
     """Write a toy data set from the command line."""
     parser = argparse.ArgumentParser(description=__doc__)
