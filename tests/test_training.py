@@ -179,7 +179,9 @@ def test_missing_pretrained_weights_offline_name_the_fix(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so patch the constant too: this test never reaches a hub.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     model = tiny_dadf(pre_trained=True)
     with pytest.raises(RuntimeError, match=r"pretrained weights of backbone 'resnet18'.*HF_HUB_OFFLINE=1"):

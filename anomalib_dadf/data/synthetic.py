@@ -18,12 +18,15 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def _defect_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+def _defective(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A texture with one solid-colour square defect, and the defect's mask."""
+    image = _texture(rng, size)
     side = size // 4
     top, left = rng.integers(0, size - side, 2)
     mask = np.zeros((size, size), dtype=np.uint8)
     mask[top : top + side, left : left + side] = 255
-    return mask
+    image[mask > 0] = rng.integers(0, 255, 3, dtype=np.uint8)
+    return image, mask
 
 
 def make_mvtec(
@@ -49,9 +52,7 @@ def make_mvtec(
     for index in range(n_test_good):
         Image.fromarray(_texture(rng, size)).save(base / "test/good" / f"{index:03d}.png")
     for index in range(n_test_bad):
-        image = _texture(rng, size)
-        mask = _defect_mask(rng, size)
-        image[mask > 0] = rng.integers(0, 255, 3, dtype=np.uint8)
+        image, mask = _defective(rng, size)
         Image.fromarray(image).save(base / "test/scratch" / f"{index:03d}.png")
         Image.fromarray(mask).save(base / "ground_truth/scratch" / f"{index:03d}_mask.png")
     return root
@@ -73,9 +74,7 @@ def make_mvtec_loco(root: Path, category: str = "box", n_train: int = 8, size: i
     for kind in ("logical_anomalies", "structural_anomalies"):
         (base / "test" / kind).mkdir(parents=True, exist_ok=True)
         for index in range(2):
-            image = _texture(rng, size)
-            mask = _defect_mask(rng, size)
-            image[mask > 0] = rng.integers(0, 255, 3, dtype=np.uint8)
+            image, mask = _defective(rng, size)
             Image.fromarray(image).save(base / "test" / kind / f"{index:03d}.png")
             truth = base / "ground_truth" / kind / f"{index:03d}"
             truth.mkdir(parents=True, exist_ok=True)
