@@ -1,9 +1,10 @@
-"""Toy MVTec AD-format data sets, generated offline: striped textures with square defects and masks.
+"""Toy MVTec AD and MVTec LOCO-format data sets, generated offline: striped textures with defects and masks.
 
 Used by the tests and the quickstart; run ``python -m anomalib_dadf.data.synthetic --help``.
 """
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,15 +59,43 @@ def make_mvtec(
     return root
 
 
+LOCO_DEFECTS = [
+    # A structural defect counts as found once a quarter of a 16x16 square at 64 px is covered.
+    {"defect_name": "square", "pixel_value": 255, "saturation_threshold": 64, "relative_saturation": False},
+    {"defect_name": "swapped_patch", "pixel_value": 128, "saturation_threshold": 0.5, "relative_saturation": True},
+]
+
+
+def _swapped(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A logical anomaly: two patches of a normal texture trade places; one mask per patch."""
+    image = _texture(rng, size)
+    side = size // 4
+    first, second = (0, 0), (size - side, size - side)
+    if rng.random() < 0.5:
+        first, second = (0, size - side), (size - side, 0)
+    masks = []
+    patches = [image[top : top + side, left : left + side].copy() for top, left in (first, second)]
+    for (top, left), patch in zip((first, second), reversed(patches), strict=True):
+        image[top : top + side, left : left + side] = np.rot90(patch, 2)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[top : top + side, left : left + side] = 128
+        masks.append(mask)
+    return image, masks
+
+
 def make_mvtec_loco(root: Path, category: str = "box", n_train: int = 8, size: int = 64, seed: int = 0) -> Path:
-    """Write an MVTec LOCO AD-style category: ``train``, ``validation`` and ``test`` folders with
-    ``logical_anomalies`` and ``structural_anomalies``, one ground-truth folder of PNGs per anomalous image.
+    """Write an MVTec LOCO AD-style category with ``defects_config.json``.
+
+    ``train``, ``validation`` and ``test`` folders; ``structural_anomalies`` carry one square defect
+    (one ground-truth PNG), ``logical_anomalies`` two swapped patches (two PNGs, one per patch).
 
     Returns:
         Path: The data set root (the folder holding the category).
     """
     rng = np.random.default_rng(seed)
     base = root / category
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "defects_config.json").write_text(json.dumps(LOCO_DEFECTS, indent=2))
     for folder, count in (("train/good", n_train), ("validation/good", 2), ("test/good", 3)):
         (base / folder).mkdir(parents=True, exist_ok=True)
         for index in range(count):
@@ -74,11 +103,16 @@ def make_mvtec_loco(root: Path, category: str = "box", n_train: int = 8, size: i
     for kind in ("logical_anomalies", "structural_anomalies"):
         (base / "test" / kind).mkdir(parents=True, exist_ok=True)
         for index in range(2):
-            image, mask = _defective(rng, size)
+            if kind == "structural_anomalies":
+                image, mask = _defective(rng, size)
+                masks = [mask]
+            else:
+                image, masks = _swapped(rng, size)
             Image.fromarray(image).save(base / "test" / kind / f"{index:03d}.png")
             truth = base / "ground_truth" / kind / f"{index:03d}"
             truth.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask).save(truth / "000.png")
+            for number, mask in enumerate(masks):
+                Image.fromarray(mask).save(truth / f"{number:03d}.png")
     return root
 
 
@@ -92,16 +126,20 @@ def main() -> None:
     parser.add_argument("--n-test-bad", type=int, default=20)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loco", action="store_true", help="write an MVTec LOCO-style category instead")
     arguments = parser.parse_args()
-    root = make_mvtec(
-        arguments.root,
-        category=arguments.category,
-        n_train=arguments.n_train,
-        n_test_good=arguments.n_test_good,
-        n_test_bad=arguments.n_test_bad,
-        size=arguments.size,
-        seed=arguments.seed,
-    )
+    if arguments.loco:
+        root = make_mvtec_loco(arguments.root, arguments.category, arguments.n_train, arguments.size, arguments.seed)
+    else:
+        root = make_mvtec(
+            arguments.root,
+            category=arguments.category,
+            n_train=arguments.n_train,
+            n_test_good=arguments.n_test_good,
+            n_test_bad=arguments.n_test_bad,
+            size=arguments.size,
+            seed=arguments.seed,
+        )
     print(f"Wrote {root / arguments.category}")
 
 
