@@ -1,6 +1,6 @@
 """Building blocks of DADF: the prior's description, the dual-attention Transformer and the flows."""
 
-from .backbone import PriorScales, describe_prior
+from .backbone import PriorScales, describe_prior, pretrained_features
 from .flow import DiscriminativeFlow
 from .transformer import DualAttention, DualAttentionBlock, DualAttentionTransformer
 
@@ -11,4 +11,5 @@ __all__ = [
     "DualAttentionTransformer",
     "PriorScales",
     "describe_prior",
+    "pretrained_features",
 ]

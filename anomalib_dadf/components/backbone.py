@@ -5,10 +5,13 @@ patch-embedded onto the grid of the coarsest one. This module reads channels and
 ``feature_info`` (never from a table), so any timm CNN with ``features_only`` support works.
 """
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import timm
+from huggingface_hub import try_to_load_from_cache
+from torch import nn
 
 NUM_SCALES = 3
 
@@ -119,3 +122,88 @@ def describe_prior(backbone: str, layers: Sequence[str]) -> PriorScales:
         )
         raise ValueError(msg)
     return PriorScales(indices=indices, channels=channels, strides=strides)
+
+
+def cached_weights(backbone: str) -> Path | None:
+    """The backbone's timm weights file if it is already in the Hugging Face cache, else ``None``.
+
+    Reading the cache directly means a cached backbone never waits on the network.
+    """
+    hub_id = timm.models.get_pretrained_cfg(backbone).hf_hub_id if timm.is_model(backbone) else None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(hub_id, filename) if hub_id else None
+        if isinstance(cached, str):
+            return Path(cached)
+    return None
+
+
+def check_checkpoint(backbone: str, path: str | Path) -> None:
+    """Check that a local checkpoint holds exactly the tensors of the whole timm ``backbone``.
+
+    timm itself only warns about unexpected keys, so the weights of a deeper sibling (say resnet34
+    for resnet18) would load silently; this names every kind of misfit instead.
+
+    Raises:
+        FileNotFoundError: ``path`` names no file.
+        ValueError: Missing, unexpected or differently shaped tensors (counted, with the first of each).
+    """
+    if not Path(path).is_file():
+        msg = f"Backbone weights file not found: {path}."
+        raise FileNotFoundError(msg)
+    expected = timm.create_model(backbone, pretrained=False).state_dict()
+    found = timm.models.load_state_dict(str(path))
+    problems = {
+        "missing": [key for key in expected if key not in found],
+        "unexpected": [key for key in found if key not in expected],
+        "shape mismatch": [
+            f"{key} {tuple(found[key].shape)} vs {tuple(tensor.shape)}"
+            for key, tensor in expected.items()
+            if key in found and found[key].shape != tensor.shape
+        ],
+    }
+    summary = "; ".join(f"{len(keys)} {kind} (first: {keys[0]})" for kind, keys in problems.items() if keys)
+    if summary:
+        msg = (
+            f"The weights in {path} do not fit backbone '{backbone}': {summary}. "
+            "Give a checkpoint of the whole model of exactly this timm architecture."
+        )
+        raise ValueError(msg)
+
+
+def pretrained_features(backbone: str, indices: Sequence[int], weights: str | Path | None = None) -> nn.Module:
+    """timm ``features_only`` model of ``backbone`` with pretrained weights.
+
+    Args:
+        backbone: timm model name.
+        indices: ``out_indices`` of the feature maps.
+        weights: A local checkpoint of the whole timm model (``.safetensors``, ``.pth``); ``None``
+            for timm's own weights, from the Hugging Face cache when there, else from the hub.
+
+    Raises:
+        FileNotFoundError: ``weights`` names no file.
+        ValueError: The checkpoint's keys or shapes do not fit the backbone (see :func:`check_checkpoint`).
+        RuntimeError: timm's weights can be had neither from the cache nor from the hub.
+    """
+    if weights is not None:
+        check_checkpoint(backbone, weights)
+    source = Path(weights) if weights is not None else cached_weights(backbone)
+    try:
+        return timm.create_model(
+            backbone,
+            pretrained=True,
+            features_only=True,
+            exportable=True,
+            out_indices=list(indices),
+            pretrained_cfg_overlay={"file": str(source)} if source else None,
+        )
+    # Network failures surface as errors of several libraries (httpx, huggingface_hub, OS), so all are caught.
+    except Exception as error:  # noqa: BLE001
+        msg = (
+            f"Could not load the pretrained weights of backbone '{backbone}' ({type(error).__name__}: {error}). "
+            "Online: check the connection to the Hugging Face hub. Offline: put timm's weights in the Hugging Face "
+            "cache ($HF_HOME/hub) and set HF_HUB_OFFLINE=1 (for EfficientNet-Lite: "
+            "'python -m anomalib_dadf.weights install tf_efficientnet_lite0'), or pass a local checkpoint file "
+            "as backbone_weights. "
+            "For a smoke test only, train with pre_trained=False (a random prior)."
+        )
+        raise RuntimeError(msg) from error
