@@ -21,13 +21,14 @@ Paper:
 import logging
 from collections.abc import Sequence
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
-from anomalib.metrics import Evaluator
-from anomalib.models.components import AnomalibModule, TimmFeatureExtractor
+from anomalib.data import Batch, MVTecLOCO
+from anomalib.metrics import AUPRO, AUROC, PRO, Evaluator, F1Score
+from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
@@ -35,7 +36,9 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 
+from .components import pretrained_features
 from .loss import FlowLoss, ReconstructionLoss
+from .metrics import SPRO, FieldAwareEvaluator
 from .torch_model import DadfModel
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ class Dadf(AnomalibModule):
         layers (Sequence[str]): Three backbone layers, finest first.
             Defaults to ``("layer1", "layer2", "layer3")``.
         pre_trained (bool): Load the backbone's ImageNet weights. Defaults to ``True``.
+        backbone_weights (str | None): Local checkpoint of the whole timm backbone (``.safetensors``
+            or ``.pth``) to load instead of timm's download; needs ``pre_trained``. Defaults to ``None``.
         embed_dim (int): Patch-embedding width per scale; tokens are three times as wide.
             Defaults to ``480``.
         depth (int): Dual-attention blocks. Defaults to ``8``.
@@ -85,6 +90,7 @@ class Dadf(AnomalibModule):
         backbone: str = "wide_resnet50_2",
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
         pre_trained: bool = True,
+        backbone_weights: str | None = None,
         embed_dim: int = 480,
         depth: int = 8,
         num_heads: int = 8,
@@ -112,6 +118,9 @@ class Dadf(AnomalibModule):
             if epochs < 1:
                 msg = f"{name} must be at least 1, got {epochs}: DADF trains both stages, each for at least one epoch."
                 raise ValueError(msg)
+        if backbone_weights is not None and not pre_trained:
+            msg = "backbone_weights is given but pre_trained is false: set pre_trained=True to load the weights file."
+            raise ValueError(msg)
         if self.input_size is None:
             msg = "DADF builds its token grid from the input size: give it a pre-processor that resizes images."
             raise ValueError(msg)
@@ -127,6 +136,8 @@ class Dadf(AnomalibModule):
         self.model = self._build_model(self.input_size)
         self.reconstruction_loss = ReconstructionLoss()
         self.loss = FlowLoss()
+        # Saved with every checkpoint, so an export can tell a model whose flows never trained.
+        self.register_buffer("flow_steps_trained", torch.zeros((), dtype=torch.long))
 
     def _build_model(self, input_size: Sequence[int]) -> DadfModel:
         """Build the torch model without backbone weights.
@@ -159,27 +170,40 @@ class Dadf(AnomalibModule):
         super().on_load_checkpoint(checkpoint)
         if self.input_size is not None and tuple(self.input_size) != self.model.input_size:
             self.model = self._build_model(self.input_size)
+        state = checkpoint.get("state_dict", {})
+        if "flow_steps_trained" not in state:
+            # Checkpoints of version 0.1 predate the counter: a stage-2 epoch means the flows trained.
+            flow_epochs_done = checkpoint.get("epoch", 0) >= self.reconstruction_epochs
+            state["flow_steps_trained"] = torch.tensor(int(flow_epochs_done), dtype=torch.long)
 
     def on_fit_start(self) -> None:
         """Load the backbone's pretrained weights when training starts from scratch."""
         if not self.hparams["pre_trained"] or self.trainer.ckpt_path is not None:
             return
-        backbone = self.hparams["backbone"]
-        try:
-            pretrained = TimmFeatureExtractor(
-                backbone=backbone,
-                layers=self.model.feature_extractor.layers,
-                pre_trained=True,
-            )
-        except (OSError, ValueError, RuntimeError) as error:
-            msg = (
-                f"Could not load the pretrained weights of backbone '{backbone}' ({type(error).__name__}). "
-                "Online: check the connection to the Hugging Face hub. Offline: put timm's weights for this "
-                "backbone in the Hugging Face cache ($HF_HOME/hub) and set HF_HUB_OFFLINE=1. For a smoke test "
-                "only, train with pre_trained=False (a random prior)."
-            )
-            raise RuntimeError(msg) from error
-        self.model.feature_extractor.load_state_dict(pretrained.state_dict())
+        pretrained = pretrained_features(
+            self.hparams["backbone"],
+            self.model.feature_extractor.idx,
+            self.hparams["backbone_weights"],
+        )
+        self.model.feature_extractor.feature_extractor.load_state_dict(pretrained.state_dict())
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Image AUROC and F1; with masks also pixel AUROC, F1, PRO and AUPRO; sPRO is added on MVTec LOCO.
+
+        Metrics that the data cannot feed (pixel metrics without masks) are left out of the report.
+        """
+        image_metrics = [
+            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+            F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+        ]
+        pixel_metrics = [
+            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            F1Score(fields=["pred_mask", "gt_mask"], prefix="pixel_", strict=False),
+            PRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        ]
+        return FieldAwareEvaluator(test_metrics=image_metrics + pixel_metrics)
 
     @property
     def stage(self) -> Stage:
@@ -187,17 +211,28 @@ class Dadf(AnomalibModule):
         return Stage.RECONSTRUCTION if self.current_epoch < self.reconstruction_epochs else Stage.FLOW
 
     def setup(self, stage: str) -> None:
-        """Let DDP accept the parameters of the stage that is not training.
+        """Add sPRO on MVTec LOCO data and let DDP accept the parameters of the stage that is not training.
 
         Each stage leaves the other stage's parameters without gradients. Freezing them through
         ``requires_grad`` instead would hide the flows from DDP's gradient synchronisation for good
         when training starts in stage 1, so DDP is told to expect unused parameters.
         """
         del stage
+        self._add_spro_on_loco()
         strategy = self.trainer.strategy
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
             logger.info("DADF trains its stages in turn: enabling DDP's find_unused_parameters.")
             strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001
+
+    def _add_spro_on_loco(self) -> None:
+        """Give the default evaluator sPRO when the data is MVTec LOCO (a user's own evaluator is left as is)."""
+        test_metrics = getattr(self.evaluator, "test_metrics", [])
+        if (
+            isinstance(self.evaluator, FieldAwareEvaluator)
+            and isinstance(getattr(self.trainer, "datamodule", None), MVTecLOCO)
+            and not any(isinstance(metric, SPRO) for metric in test_metrics)
+        ):
+            test_metrics.append(SPRO())
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Run one optimisation step of the current stage.
@@ -221,6 +256,7 @@ class Dadf(AnomalibModule):
             with torch.no_grad():
                 local, global_ = self.model.reconstruct(priors)
             loss = self.loss(*self.model.discriminate(priors, local, global_))
+            self.flow_steps_trained += 1
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
@@ -245,6 +281,37 @@ class Dadf(AnomalibModule):
             optim.AdamW(self.model.transformer.parameters(), lr=self.reconstruction_lr, betas=(0.9, 0.95)),
             optim.Adam(self.model.flows.parameters(), lr=self.flow_lr, weight_decay=self.flow_weight_decay),
         ]
+
+    def _refuse_untrained_export(self) -> None:
+        if int(self.flow_steps_trained) == 0:
+            msg = (
+                "This DADF model's flows were never trained (a checkpoint from stage 1, reconstruction, or an "
+                "untrained model), so its scores mean nothing. Export a checkpoint saved after at least one flow "
+                f"epoch: train for all reconstruction_epochs + flow_epochs ({self.reconstruction_epochs} + "
+                f"{self.flow_epochs})."
+            )
+            raise RuntimeError(msg)
+
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """Export to Torch like any anomalib model, refusing a model whose flows never trained."""
+        self._refuse_untrained_export()
+        return super().to_torch(export_root, model_file_name)
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs,
+    ) -> Path:
+        """Export to ONNX (and through it to OpenVINO), by default at opset 18.
+
+        torch's ONNX exporter writes opset 18 natively; anomalib's default of 14 makes it run the ONNX
+        version converter, which prints a traceback for a model it then exports correctly.
+        """
+        self._refuse_untrained_export()
+        kwargs.setdefault("opset_version", 18)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

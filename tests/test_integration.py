@@ -4,15 +4,19 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from anomalib.data import Folder, Tabular
 from anomalib.engine import Engine
 
 from anomalib_dadf import Dadf
-from anomalib_dadf.data import MVTec
+from anomalib_dadf.data import MVTec, make_elpv_dataset
 from anomalib_dadf.data.synthetic import make_mvtec_loco
+from anomalib_dadf.weights import install
 
 from .conftest import TINY_MODEL, small_pre_processor
 
@@ -104,7 +108,7 @@ def test_command_line_train_test_predict_export(mvtec_root: Path, tmp_path: Path
     assert prediction.anomaly_map.shape == (1, 1, 256, 256)
 
 
-def test_command_line_trains_on_mvtec_loco(tmp_path: Path) -> None:
+def test_command_line_on_mvtec_loco_reports_spro(tmp_path: Path) -> None:
     root = make_mvtec_loco(tmp_path / "loco")
     output = anomalib_cli(
         "train", *TINY_CLI_MODEL, "--model.reconstruction_epochs=1", "--model.flow_epochs=1",
@@ -112,8 +116,28 @@ def test_command_line_trains_on_mvtec_loco(tmp_path: Path) -> None:
         f"--default_root_dir={tmp_path / 'results'}",
         cwd=tmp_path,
     )
-    assert "image_AUROC" in output
-    assert "pixel_AUROC" in output
+    for metric in ("image_AUROC", "pixel_AUROC", "pixel_PRO", "pixel_AUPRO", "pixel_SPRO"):
+        assert metric in output
+
+
+def test_mask_less_folder_reports_image_metrics_only(mvtec_root: Path, tmp_path: Path) -> None:
+    datamodule = Folder(
+        name="parts",
+        root=mvtec_root / "widget",
+        normal_dir="train/good",
+        abnormal_dir="test/scratch",
+        normal_test_dir="test/good",
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+    )
+    model = Dadf(**TINY_MODEL, reconstruction_epochs=1, flow_epochs=1, pre_processor=small_pre_processor())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*compute.*before.*update.*")
+        (metrics,) = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1).train(
+            model=model, datamodule=datamodule,
+        )
+    assert set(metrics) == {"image_AUROC", "image_F1Score"}
 
 
 DDP_SCRIPT = """
@@ -175,3 +199,49 @@ def test_distributed_training_matches_single_process_in_kind(mvtec_root: Path, t
         ckpt_path=result_file["checkpoint"],
     )
     assert sum(len(batch.pred_score) for batch in predictions) == 3
+
+
+def test_offline_pretrained_pipeline_on_real_elpv_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real solar cells and real ImageNet Lite0 weights, both from the package registry, end to end.
+
+    A fixed subset keeps it to about a minute: 96 training cells, 60 normal and 60 defective test cells,
+    input 128x128. The bound comes from measurement: this configuration scored image AUROC 0.78 here
+    (a random prior scores about 0.5), so 0.65 leaves margin for platform noise.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    install("tf_efficientnet_lite0")
+
+    samples = make_elpv_dataset(category="mono")
+    train = samples[samples["split"] == "train"].sample(96, random_state=0)
+    test = pd.concat([
+        samples[(samples["split"] == "test") & (samples["label_index"] == label)].sample(60, random_state=0)
+        for label in (0, 1)
+    ])
+    datamodule = Tabular(
+        name="ELPV",
+        samples=pd.concat([train, test]).drop(columns="defect_probability"),
+        train_batch_size=16,
+        eval_batch_size=30,
+        num_workers=0,
+        val_split_mode="synthetic",
+        val_split_ratio=0.1,
+        seed=0,
+    )
+    model = Dadf(
+        backbone="tf_efficientnet_lite0",
+        layers=["blocks.1", "blocks.2", "blocks.4"],
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=2.0,
+        flow_steps=4,
+        reconstruction_epochs=1,
+        flow_epochs=20,
+        reconstruction_lr=5e-4,
+        pre_processor=small_pre_processor(128),
+    )
+    (metrics,) = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1).train(model=model, datamodule=datamodule)
+    assert set(metrics) == {"image_AUROC", "image_F1Score"}, "no masks: pixel metrics are left out"
+    assert metrics["image_AUROC"] > 0.65
