@@ -69,6 +69,8 @@ class Dadf(AnomalibModule):
         flow_steps (int): Coupling steps per scale. Defaults to ``8``.
         flow_clamp (float): Affine clamping of the couplings. Defaults to ``2.0``.
         flow_hidden_ratio (int): Depthwise channel multiplier of the coupling subnets. Defaults to ``1``.
+        flow_inputs (Sequence[str]): Views the flows see; DADF uses ``("prior", "local", "global")``
+            (the default), a subset in that order is an ablation.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer). Defaults to ``200``.
         flow_epochs (int): Epochs of stage 2 (flows). Defaults to ``15``.
         reconstruction_lr (float): AdamW learning rate of stage 1. Defaults to ``1e-4``.
@@ -98,6 +100,7 @@ class Dadf(AnomalibModule):
         flow_steps: int = 8,
         flow_clamp: float = 2.0,
         flow_hidden_ratio: int = 1,
+        flow_inputs: Sequence[str] = ("prior", "local", "global"),
         reconstruction_epochs: int = 200,
         flow_epochs: int = 15,
         reconstruction_lr: float = 1e-4,
@@ -157,6 +160,7 @@ class Dadf(AnomalibModule):
                 "flow_steps",
                 "flow_clamp",
                 "flow_hidden_ratio",
+                "flow_inputs",
             )
         }
         return DadfModel(input_size=input_size, pre_trained=False, **model_arguments)

@@ -20,6 +20,8 @@ from torch import nn
 from .anomaly_map import AnomalyMapGenerator
 from .components import DiscriminativeFlow, DualAttentionTransformer, describe_prior
 
+FLOW_VIEWS = ("prior", "local", "global")
+
 
 class DadfModel(nn.Module):
     """DADF: Dual-Attention Transformer and Discriminative Flow.
@@ -36,6 +38,11 @@ class DadfModel(nn.Module):
         flow_steps: Coupling steps per scale.
         flow_clamp: Affine clamping of the couplings.
         flow_hidden_ratio: Depthwise channel multiplier of the coupling subnets.
+        flow_inputs: Views the flows see, a subset of ``("prior", "local", "global")`` in that order;
+            DADF uses all three, fewer are ablations.
+
+    Raises:
+        ValueError: Unknown, repeated or no flow inputs (besides the prior's and the grid's errors).
     """
 
     def __init__(
@@ -51,8 +58,13 @@ class DadfModel(nn.Module):
         flow_steps: int = 8,
         flow_clamp: float = 2.0,
         flow_hidden_ratio: int = 1,
+        flow_inputs: Sequence[str] = FLOW_VIEWS,
     ) -> None:
         super().__init__()
+        self.flow_inputs = tuple(flow_inputs)
+        if not self.flow_inputs or self.flow_inputs != tuple(view for view in FLOW_VIEWS if view in self.flow_inputs):
+            msg = f"flow_inputs must be a non-empty subset of {list(FLOW_VIEWS)} in that order, got {list(flow_inputs)}."
+            raise ValueError(msg)
         scales = describe_prior(backbone, layers)
         self.input_size = (int(input_size[0]), int(input_size[1]))
         grid_size = scales.grid_size(self.input_size)
@@ -72,7 +84,13 @@ class DadfModel(nn.Module):
             mlp_ratio=mlp_ratio,
         )
         self.flows = nn.ModuleList(
-            DiscriminativeFlow(shape, flow_steps=flow_steps, clamp=flow_clamp, hidden_ratio=flow_hidden_ratio)
+            DiscriminativeFlow(
+                shape,
+                num_views=len(self.flow_inputs),
+                flow_steps=flow_steps,
+                clamp=flow_clamp,
+                hidden_ratio=flow_hidden_ratio,
+            )
             for shape in scales.feature_shapes(self.input_size)
         )
         self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.input_size)
@@ -103,10 +121,10 @@ class DadfModel(nn.Module):
         local: Sequence[torch.Tensor],
         global_: Sequence[torch.Tensor],
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Latents and log-Jacobian determinants of the flows, one per scale."""
-        outputs = [
-            flow(*views) for flow, views in zip(self.flows, zip(priors, local, global_, strict=True), strict=True)
-        ]
+        """Latents and log-Jacobian determinants of the flows (on the ``flow_inputs`` views), one per scale."""
+        views = dict(zip(FLOW_VIEWS, (priors, local, global_), strict=True))
+        per_scale = zip(*(views[name] for name in self.flow_inputs), strict=True)
+        outputs = [flow(*scale_views) for flow, scale_views in zip(self.flows, per_scale, strict=True)]
         return [latent for latent, _ in outputs], [log_jacobian for _, log_jacobian in outputs]
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:

@@ -148,3 +148,28 @@ def test_flow_is_invertible_and_its_log_determinant_is_exact() -> None:
     _, numerical = torch.linalg.slogdet(jacobian)
     assert abs(log_jacobian.item()) > 0.1
     assert log_jacobian.item() == pytest.approx(numerical.item(), abs=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("flow_inputs", "views"),
+    [(["prior"], 1), (["prior", "local"], 2), (["prior", "global"], 2), (["prior", "local", "global"], 3)],
+)
+def test_flow_inputs_select_the_views_the_flows_see(flow_inputs: list[str], views: int) -> None:
+    model = DadfModel(
+        input_size=(64, 64), backbone="resnet18", pre_trained=False, embed_dim=8, depth=1, num_heads=2,
+        flow_steps=2, flow_inputs=flow_inputs,
+    ).eval()
+    priors = model.extract_priors(torch.rand(2, 3, 64, 64))
+    local, global_ = model.reconstruct(priors)
+    latents, _ = model.discriminate(priors, local, global_)
+    assert [latent.shape[1] for latent in latents] == [views * prior.shape[1] for prior in priors]
+    # The prior-only flow ignores the reconstructions entirely.
+    if flow_inputs == ["prior"]:
+        zeros = [torch.zeros_like(map_) for map_ in local]
+        assert all(torch.equal(a, b) for a, b in zip(latents, model.discriminate(priors, zeros, zeros)[0], strict=True))
+
+
+@pytest.mark.parametrize("flow_inputs", [[], ["local", "prior"], ["prior", "prior"], ["prior", "texture"]])
+def test_bad_flow_inputs_are_named(flow_inputs: list[str]) -> None:
+    with pytest.raises(ValueError, match="flow_inputs must be a non-empty subset"):
+        DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, flow_inputs=flow_inputs)

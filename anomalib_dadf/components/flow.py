@@ -31,7 +31,7 @@ def depthwise_subnet(kernel_size: int, hidden_ratio: int) -> Callable[[int, int]
 
 
 class DiscriminativeFlow(nn.Module):
-    """LayerNorm over the concatenated features followed by ``AllInOneBlock`` steps in a FrEIA ``SequenceINN``.
+    """LayerNorm over the concatenated views followed by ``AllInOneBlock`` steps in a FrEIA ``SequenceINN``.
 
     The block is anomalib's port of FrEIA's ``AllInOneBlock`` (same maths, a FrEIA
     ``InvertibleModule``): FrEIA's own keeps a lambda, which ``torch.save`` cannot pickle, so a
@@ -39,6 +39,7 @@ class DiscriminativeFlow(nn.Module):
 
     Args:
         feature_shape: ``(channels, height, width)`` of the prior at this scale.
+        num_views: How many views of that shape are concatenated (3 in DADF: prior, local, global).
         flow_steps: Number of coupling steps; the depthwise kernel alternates 3x3 and 1x1.
         clamp: Affine clamping of the couplings.
         hidden_ratio: Depthwise channel multiplier of the coupling subnets.
@@ -47,13 +48,14 @@ class DiscriminativeFlow(nn.Module):
     def __init__(
         self,
         feature_shape: tuple[int, int, int],
+        num_views: int = 3,
         flow_steps: int = 8,
         clamp: float = 2.0,
         hidden_ratio: int = 1,
     ) -> None:
         super().__init__()
         channels, height, width = feature_shape
-        flow_shape = (3 * channels, height, width)
+        flow_shape = (num_views * channels, height, width)
         self.norm = nn.LayerNorm(list(flow_shape))
         self.flow = SequenceINN(*flow_shape)
         for step in range(flow_steps):
@@ -64,16 +66,11 @@ class DiscriminativeFlow(nn.Module):
                 permute_soft=False,
             )
 
-    def forward(
-        self,
-        prior: torch.Tensor,
-        local: torch.Tensor,
-        global_: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map the three views of one scale to the latent space.
+    def forward(self, *views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map the views of one scale (in DADF: prior, local, global) to the latent space.
 
         Returns:
-            tuple[torch.Tensor, torch.Tensor]: Latent ``z`` with shape ``(B, 3C, H, W)`` and the
-            log-determinant of the Jacobian per image, shape ``(B,)``.
+            tuple[torch.Tensor, torch.Tensor]: Latent ``z`` with shape ``(B, num_views * C, H, W)``
+            and the log-determinant of the Jacobian per image, shape ``(B,)``.
         """
-        return self.flow(self.norm(torch.cat([prior, local, global_], dim=1)))
+        return self.flow(self.norm(torch.cat(views, dim=1)))
