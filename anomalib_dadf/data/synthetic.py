@@ -83,11 +83,20 @@ def _swapped(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[np.n
     return image, masks
 
 
-def make_mvtec_loco(root: Path, category: str = "box", n_train: int = 8, size: int = 64, seed: int = 0) -> Path:
+def make_mvtec_loco(
+    root: Path,
+    category: str = "box",
+    n_train: int = 8,
+    size: int = 64,
+    seed: int = 0,
+    n_test_good: int = 3,
+    n_test_bad: int = 2,
+) -> Path:
     """Write an MVTec LOCO AD-style category with ``defects_config.json``.
 
     ``train``, ``validation`` and ``test`` folders; ``structural_anomalies`` carry one square defect
-    (one ground-truth PNG), ``logical_anomalies`` two swapped patches (two PNGs, one per patch).
+    (one ground-truth PNG), ``logical_anomalies`` two swapped patches (two PNGs, one per patch);
+    ``n_test_bad`` images of each.
 
     Returns:
         Path: The data set root (the folder holding the category).
@@ -96,13 +105,13 @@ def make_mvtec_loco(root: Path, category: str = "box", n_train: int = 8, size: i
     base = root / category
     base.mkdir(parents=True, exist_ok=True)
     (base / "defects_config.json").write_text(json.dumps(LOCO_DEFECTS, indent=2))
-    for folder, count in (("train/good", n_train), ("validation/good", 2), ("test/good", 3)):
+    for folder, count in (("train/good", n_train), ("validation/good", 2), ("test/good", n_test_good)):
         (base / folder).mkdir(parents=True, exist_ok=True)
         for index in range(count):
             Image.fromarray(_texture(rng, size)).save(base / folder / f"{index:03d}.png")
     for kind in ("logical_anomalies", "structural_anomalies"):
         (base / "test" / kind).mkdir(parents=True, exist_ok=True)
-        for index in range(2):
+        for index in range(n_test_bad):
             if kind == "structural_anomalies":
                 image, mask = _defective(rng, size)
                 masks = [mask]
@@ -113,6 +122,76 @@ def make_mvtec_loco(root: Path, category: str = "box", n_train: int = 8, size: i
             truth.mkdir(parents=True, exist_ok=True)
             for number, mask in enumerate(masks):
                 Image.fromarray(mask).save(truth / f"{number:03d}.png")
+    return root
+
+
+TEXTURES = ("brick", "grass", "gravel")
+
+
+def _texture_photo(name: str) -> np.ndarray:
+    from skimage import data
+
+    return getattr(data, name)()
+
+
+def _crop(rng: np.random.Generator, photo: np.ndarray, size: int) -> np.ndarray:
+    top, left = rng.integers(0, photo.shape[0] - size + 1), rng.integers(0, photo.shape[1] - size + 1)
+    return photo[top : top + size, left : left + size].astype(np.float64)
+
+
+def make_texture_defects(
+    root: Path,
+    category: str = "brick",
+    n_train: int = 60,
+    n_test_good: int = 20,
+    n_test_bad: int = 20,
+    size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write an MVTec AD-style category from a real texture photo of scikit-image, with drawn defects and masks.
+
+    Normal images are random crops of the photo (``brick``, ``grass`` or ``gravel``). Half of the
+    anomalous crops get an elliptic patch of another of the photos (``foreign``), half a thin dark or
+    bright stroke (``scratch``); each has its pixel mask.
+
+    Returns:
+        Path: The data set root (the folder holding the category).
+    """
+    if category not in TEXTURES:
+        msg = f"Unknown texture '{category}': choose one of {list(TEXTURES)}."
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    photo = _texture_photo(category)
+    others = [_texture_photo(name) for name in TEXTURES if name != category]
+    base = root / category
+    for folder in ("train/good", "test/good", "test/foreign", "test/scratch", "ground_truth/foreign", "ground_truth/scratch"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+
+    def save(image: np.ndarray, path: Path) -> None:
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).convert("RGB").save(path)
+
+    for index in range(n_train):
+        save(_crop(rng, photo, size), base / "train/good" / f"{index:03d}.png")
+    for index in range(n_test_good):
+        save(_crop(rng, photo, size), base / "test/good" / f"{index:03d}.png")
+    rows, cols = np.mgrid[0:size, 0:size]
+    for index in range(n_test_bad):
+        image = _crop(rng, photo, size)
+        center = rng.uniform(0.25, 0.75, 2) * size
+        if index % 2 == 0:
+            kind = "foreign"
+            radii = rng.uniform(0.08, 0.18, 2) * size
+            mask = ((rows - center[0]) / radii[0]) ** 2 + ((cols - center[1]) / radii[1]) ** 2 <= 1
+            image[mask] = _crop(rng, others[index // 2 % len(others)], size)[mask]
+        else:
+            kind = "scratch"
+            angle, length = rng.uniform(0, np.pi), rng.uniform(0.3, 0.5) * size
+            along = (rows - center[0]) * np.sin(angle) + (cols - center[1]) * np.cos(angle)
+            across = (rows - center[0]) * np.cos(angle) - (cols - center[1]) * np.sin(angle)
+            mask = (np.abs(across) <= 1.5) & (np.abs(along) <= length / 2)
+            image[mask] = 255.0 if rng.random() < 0.5 else 0.0
+        save(image, base / "test" / kind / f"{index:03d}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(base / "ground_truth" / kind / f"{index:03d}_mask.png")
     return root
 
 
@@ -127,9 +206,19 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loco", action="store_true", help="write an MVTec LOCO-style category instead")
+    parser.add_argument("--texture", choices=TEXTURES, help="write defects on this real texture photo instead")
     arguments = parser.parse_args()
     if arguments.loco:
-        root = make_mvtec_loco(arguments.root, arguments.category, arguments.n_train, arguments.size, arguments.seed)
+        root = make_mvtec_loco(
+            arguments.root, arguments.category, arguments.n_train, arguments.size, arguments.seed,
+            arguments.n_test_good, arguments.n_test_bad,
+        )
+    elif arguments.texture:
+        arguments.category = arguments.texture
+        root = make_texture_defects(
+            arguments.root, arguments.texture, arguments.n_train, arguments.n_test_good, arguments.n_test_bad,
+            arguments.size, arguments.seed,
+        )
     else:
         root = make_mvtec(
             arguments.root,

@@ -1,0 +1,193 @@
+"""Benchmark jobs on anomalib's pipeline interfaces, for any importable anomalib model and data module.
+
+``anomalib benchmark`` resolves models through ``anomalib.models.get_model``, which refuses class
+paths outside ``anomalib.models``. These jobs import any ``class_path`` instead, give every model of a
+run the same input size, pre-processing and evaluator, and run each fit-and-test in a fresh process so
+that its peak resident memory is its own.
+"""
+
+import importlib
+import logging
+import multiprocessing
+import resource
+import statistics
+import tempfile
+import time
+import traceback
+from collections.abc import Generator
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pandas as pd
+import torch
+from anomalib.data import AnomalibDataModule, MVTecLOCO
+from anomalib.engine import Engine
+from anomalib.metrics import AUPRO, AUROC, F1Score
+from anomalib.models.components import AnomalibModule
+from anomalib.pipelines.components.base import Job, JobGenerator
+from anomalib.pipelines.types import PREV_STAGE_RESULT
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch import seed_everything
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_dadf.metrics import SPRO, FieldAwareEvaluator
+
+logger = logging.getLogger(__name__)
+
+METRICS = ["image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_AUPRO", "pixel_SPRO"]
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def import_class(class_path: str) -> type:
+    """The class named by a dotted path, for example ``anomalib_dadf.Dadf`` or ``anomalib.models.Patchcore``.
+
+    Raises:
+        ValueError: The path names no importable class.
+    """
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        msg = f"Cannot import '{class_path}': give a full dotted class path, such as 'anomalib.models.Patchcore'."
+        raise ValueError(msg) from error
+
+
+def shared_evaluator(datamodule: AnomalibDataModule) -> FieldAwareEvaluator:
+    """The same metrics for every model; pixel metrics only where masks exist, sPRO on MVTec LOCO."""
+    metrics = [
+        AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
+        F1Score(fields=["pred_label", "gt_label"], prefix="image_"),
+        AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+        AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
+    ]
+    if isinstance(datamodule, MVTecLOCO):
+        metrics.append(SPRO())
+    return FieldAwareEvaluator(test_metrics=metrics)
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fit and test one model on one data set; meant to run in a fresh process."""
+    seed_everything(spec["seed"])
+    datamodule_class = import_class(spec["data"]["class_path"])
+    datamodule: AnomalibDataModule = datamodule_class(**spec["data"].get("init_args", {}))
+    model_class = import_class(spec["model"]["class_path"])
+    if not issubclass(model_class, AnomalibModule):
+        msg = f"{spec['model']['class_path']} is not an anomalib model (AnomalibModule)."
+        raise TypeError(msg)
+    pre_processor = PreProcessor(transform=Compose([Resize(spec["input_size"], antialias=True), Normalize(**IMAGENET)]))
+    model = model_class(
+        **spec["model"].get("init_args", {}),
+        pre_processor=pre_processor,
+        evaluator=shared_evaluator(datamodule),
+        visualizer=False,
+    )
+    trainer_arguments = {"max_epochs": spec["model"]["max_epochs"]} if "max_epochs" in spec["model"] else {}
+    with tempfile.TemporaryDirectory() as scratch:
+        engine = Engine(
+            accelerator=spec["accelerator"], devices=1, default_root_dir=scratch, logger=False, **trainer_arguments,
+        )
+        start = time.perf_counter()
+        engine.fit(model=model, datamodule=datamodule)
+        fitted = time.perf_counter()
+        (metrics,) = engine.test(model=model, datamodule=datamodule)
+        tested = time.perf_counter()
+    # What the optimizers train; a frozen backbone and a memory bank are not counted.
+    trained = {
+        id(parameter): parameter.numel()
+        for optimizer in engine.trainer.optimizers
+        for group in optimizer.param_groups
+        for parameter in group["params"]
+        if parameter.requires_grad
+    }
+
+    images = next(iter(datamodule.test_dataloader())).image.to(model.device)
+    model.eval()
+    with torch.no_grad():
+        model(images)
+        durations = []
+        for _ in range(5):
+            begin = time.perf_counter()
+            model(images)
+            durations.append((time.perf_counter() - begin) * 1000 / len(images))
+    return {
+        "fit_s": fitted - start,
+        "test_s": tested - fitted,
+        "ms_per_image": statistics.median(durations),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "trainable_params": sum(trained.values()),
+        **{name: float(metrics[name]) for name in METRICS if name in metrics},
+    }
+
+
+class DadfBenchmarkJob(Job):
+    """One model, one data set, one seed: fit, test, and measure time, memory and size.
+
+    Args:
+        spec: ``model`` and ``data`` (``name``, ``class_path``, ``init_args``; a model may add
+            ``max_epochs``), ``seed``, ``input_size`` and ``accelerator``.
+    """
+
+    name = "benchmark"
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def run(self, task_id: int | None = None) -> dict[str, Any]:
+        """Run :func:`measure` in a fresh process; a failure becomes a row with its error, not a lost run."""
+        del task_id
+        row = {"data": self.spec["data"]["name"], "model": self.spec["model"]["name"], "seed": self.spec["seed"]}
+        context = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as executor:
+                row |= executor.submit(measure, self.spec).result()
+        except Exception as error:  # noqa: BLE001 - reported in the table, the grid goes on
+            logger.exception("Benchmark job %s failed", row)
+            row["error"] = "".join(traceback.format_exception_only(error)).strip()[-300:]
+        logger.info("Benchmark result: %s", row)
+        print(f"{row['data']} | {row['model']} | seed {row['seed']}: " + ", ".join(
+            f"{key} {value:.3f}" for key, value in row.items() if isinstance(value, float)
+        ) + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
+        return row
+
+    @staticmethod
+    def collect(results: list[dict[str, Any]]) -> pd.DataFrame:
+        """One row per run."""
+        return pd.DataFrame(results)
+
+    @staticmethod
+    def save(result: pd.DataFrame) -> None:
+        """Nothing: :mod:`anomalib_dadf.benchmark.report` writes the files once the grid is done."""
+        del result
+
+
+class DadfBenchmarkJobGenerator(JobGenerator):
+    """Every model x data set x seed of a benchmark config (see ``configs/benchmark.yaml``).
+
+    A model runs ``seeds`` times (its own ``seeds`` entry, else the config's); deterministic models
+    say ``seeds: 1``.
+    """
+
+    @property
+    def job_class(self) -> type[DadfBenchmarkJob]:
+        """The job class."""
+        return DadfBenchmarkJob
+
+    def generate_jobs(
+        self,
+        args: dict | None = None,
+        prev_stage_result: PREV_STAGE_RESULT = None,
+    ) -> Generator[DadfBenchmarkJob, None, None]:
+        """Yield the jobs of a benchmark config, data set by data set."""
+        del prev_stage_result
+        args = args or {}
+        for data in args["data"]:
+            for model in args["models"]:
+                for seed in range(int(model.get("seeds", args.get("seeds", 1)))):
+                    yield DadfBenchmarkJob({
+                        "data": data,
+                        "model": model,
+                        "seed": seed,
+                        "input_size": list(args.get("input_size", [256, 256])),
+                        "accelerator": args.get("accelerator", "cpu"),
+                    })

@@ -1,0 +1,85 @@
+"""anomalib's FastFlow on any timm CNN, so that every model of a benchmark row shares one backbone.
+
+anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path (timm
+``features_only`` maps at ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is
+generic. ``TimmFastflow`` routes another timm CNN through exactly that path; the benchmark table
+names the model ``TimmFastflow`` wherever it does so.
+"""
+
+import timm
+from anomalib.models import Fastflow
+from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
+from torch import nn
+
+CNN_OUT_INDICES = [1, 2, 3]
+
+
+class TimmCnnFastflowModel(FastflowModel):
+    """:class:`FastflowModel`'s CNN path for any timm CNN with ``features_only`` support."""
+
+    def __init__(
+        self,
+        input_size: tuple[int, int],
+        backbone: str,
+        pre_trained: bool = True,
+        flow_steps: int = 8,
+        conv3x3_only: bool = False,
+        hidden_ratio: float = 1.0,
+    ) -> None:
+        # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
+        super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
+        self.feature_extractor = timm.create_model(
+            backbone,
+            pretrained=pre_trained,
+            features_only=True,
+            out_indices=CNN_OUT_INDICES,
+        ).requires_grad_(False)
+        shapes = [
+            [channels, input_size[0] // scale, input_size[1] // scale]
+            for channels, scale in zip(
+                self.feature_extractor.feature_info.channels(),
+                self.feature_extractor.feature_info.reduction(),
+                strict=True,
+            )
+        ]
+        self.norms = nn.ModuleList(nn.LayerNorm(shape, elementwise_affine=True) for shape in shapes)
+        self.fast_flow_blocks = nn.ModuleList(
+            create_fast_flow_block(
+                input_dimensions=shape,
+                conv3x3_only=conv3x3_only,
+                hidden_ratio=hidden_ratio,
+                flow_steps=flow_steps,
+            )
+            for shape in shapes
+        )
+
+
+class TimmFastflow(Fastflow):
+    """anomalib's :class:`~anomalib.models.Fastflow` with its CNN path on any timm CNN (see the module docstring)."""
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        pre_trained: bool = True,
+        flow_steps: int = 8,
+        conv3x3_only: bool = False,
+        hidden_ratio: float = 1.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            backbone="resnet18",
+            pre_trained=False,
+            flow_steps=flow_steps,
+            conv3x3_only=conv3x3_only,
+            hidden_ratio=hidden_ratio,
+            **kwargs,
+        )
+        self.backbone, self.pre_trained = backbone, pre_trained
+        self.model = TimmCnnFastflowModel(
+            input_size=self.input_size,
+            backbone=backbone,
+            pre_trained=pre_trained,
+            flow_steps=flow_steps,
+            conv3x3_only=conv3x3_only,
+            hidden_ratio=hidden_ratio,
+        )

@@ -1,0 +1,80 @@
+"""The benchmark's CSV, Markdown table and plot."""
+
+from pathlib import Path
+
+import matplotlib as mpl
+import pandas as pd
+
+mpl.use("Agg")
+from matplotlib import pyplot as plt  # noqa: E402
+
+from .job import METRICS  # noqa: E402
+
+COSTS = ["fit_s", "test_s", "ms_per_image", "peak_rss_mib", "trainable_params"]
+
+
+def summarise(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of every metric and cost, per data set and model."""
+    columns = [column for column in METRICS + COSTS if column in results]
+    grouped = results.groupby(["data", "model"], sort=False)[columns]
+    summary = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std")
+    summary["seeds"] = grouped.size()
+    return summary.reset_index()
+
+
+def _cell(row: pd.Series, column: str) -> str:
+    value = row.get(column)
+    if value is None or pd.isna(value):
+        return "–"
+    if column in METRICS:
+        spread = row.get(f"{column}_std")
+        return f"{value:.3f} ± {spread:.3f}" if row["seeds"] > 1 else f"{value:.3f}"
+    if column == "trainable_params":
+        return f"{value / 1e6:.2f} M"
+    return f"{value:.1f}" if column != "peak_rss_mib" else f"{value:.0f}"
+
+
+def markdown(summary: pd.DataFrame) -> str:
+    """One table row per data set and model: mean ± std over seeds."""
+    columns = [column for column in METRICS + COSTS if column in summary and summary[column].notna().any()]
+    header = ["data", "model", "seeds", *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in summary.iterrows():
+        cells = [str(row["data"]), str(row["model"]), str(int(row["seeds"])), *(_cell(row, c) for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: pd.DataFrame, path: Path) -> None:
+    """Image AUROC per data set, one bar per model, with the spread over seeds."""
+    data, models = list(dict.fromkeys(summary["data"])), list(dict.fromkeys(summary["model"]))
+    width = 0.8 / len(models)
+    figure, axis = plt.subplots(figsize=(2.2 * len(data) + 2, 4))
+    for index, model in enumerate(models):
+        rows = summary[summary["model"] == model].set_index("data").reindex(data)
+        positions = [position + (index - (len(models) - 1) / 2) * width for position in range(len(data))]
+        axis.bar(positions, rows["image_AUROC"], width, yerr=rows.get("image_AUROC_std"), capsize=3, label=model)
+    axis.set_xticks(range(len(data)), data)
+    axis.set_ylabel("image AUROC (mean ± std over seeds)")
+    axis.set_ylim(0.4, 1.0)
+    axis.axhline(0.5, color="gray", linewidth=0.8, linestyle=":")
+    axis.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(results: pd.DataFrame, output: Path, header: str) -> Path:
+    """Write ``results.csv`` (one row per run), ``summary.md`` and ``image_auroc.png`` into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    results.to_csv(output / "results.csv", index=False)
+    summary = summarise(results)
+    errors = results[results["error"].notna()] if "error" in results else results.iloc[0:0]
+    failed = [f"- {row.data} / {row.model} / seed {row.seed}: {row.error}" for row in errors.itertuples()]
+    text = f"{header}\n\n{markdown(summary)}\n\n![image AUROC](image_auroc.png)\n"
+    if failed:
+        text += "\nFailed runs:\n\n" + "\n".join(failed) + "\n"
+    (output / "summary.md").write_text(text)
+    if "image_AUROC" in summary:
+        plot(summary, output / "image_auroc.png")
+    return output / "summary.md"

@@ -1,0 +1,96 @@
+"""The benchmark harness: any importable model, shared metrics, CSV + Markdown + plot, failures kept."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from anomalib_dadf.benchmark import TimmFastflow, import_class
+from anomalib_dadf.data.synthetic import make_mvtec_loco
+
+from .conftest import TINY_MODEL
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_fastflow_runs_its_cnn_path_on_another_timm_backbone() -> None:
+    model = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2).eval()
+    channels = [block.dims_in[0][0] for block in model.model.fast_flow_blocks]
+    assert channels == [24, 40, 112], "Lite0's maps at strides 4, 8, 16"
+    output = model.model(torch.rand(1, 3, 256, 256))
+    assert output.anomaly_map.shape == (1, 1, 256, 256)
+
+
+def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:
+    assert import_class("anomalib_dadf.Dadf").__name__ == "Dadf"
+    with pytest.raises(ValueError, match="Cannot import 'anomalib.models.NoSuchModel'"):
+        import_class("anomalib.models.NoSuchModel")
+
+
+def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> None:
+    loco = make_mvtec_loco(tmp_path / "loco")
+    config = {
+        "title": "tiny",
+        "input_size": [64, 64],
+        "seeds": 2,
+        "models": [
+            {
+                "name": "DADF",
+                "class_path": "anomalib_dadf.Dadf",
+                "init_args": {**TINY_MODEL, "reconstruction_epochs": 1, "flow_epochs": 1},
+            },
+            {
+                "name": "PatchCore",
+                "class_path": "anomalib.models.Patchcore",
+                "init_args": {"backbone": "resnet18", "pre_trained": False, "coreset_sampling_ratio": 0.5},
+                "seeds": 1,
+            },
+            {"name": "Broken", "class_path": "anomalib.models.NoSuchModel", "seeds": 1},
+        ],
+        "data": [
+            {
+                "name": "toy",
+                "class_path": "anomalib_dadf.data.MVTec",
+                "init_args": {"root": str(mvtec_root), "category": "widget", "num_workers": 0, "train_batch_size": 4},
+            },
+            {
+                "name": "toy LOCO",
+                "class_path": "anomalib.data.MVTecLOCO",
+                "init_args": {"root": str(loco), "category": "box", "num_workers": 0, "train_batch_size": 4},
+            },
+        ],
+    }
+    config_path = tmp_path / "benchmark.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "anomalib_dadf.benchmark", "--config", str(config_path), "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    rows = pd.read_csv(output / "results.csv")
+    assert len(rows) == 2 * (2 + 1 + 1)
+    ran = rows[rows["error"].isna()]
+    assert set(zip(ran["data"], ran["model"], strict=True)) == {
+        ("toy", "DADF"), ("toy", "PatchCore"), ("toy LOCO", "DADF"), ("toy LOCO", "PatchCore"),
+    }
+    assert ran["image_AUROC"].between(0, 1).all()
+    assert ran["pixel_AUROC"].notna().all()
+    assert ran.loc[ran["data"] == "toy LOCO", "pixel_SPRO"].between(0, 1).all()
+    assert ran.loc[ran["data"] == "toy", "pixel_SPRO"].isna().all()
+    assert (ran["peak_rss_mib"] > 100).all() and (ran["fit_s"] > 0).all() and (ran["ms_per_image"] > 0).all()
+    assert (ran.loc[ran["model"] == "PatchCore", "trainable_params"] == 0).all()
+    assert (ran.loc[ran["model"] == "DADF", "trainable_params"] > 0).all()
+    assert rows.loc[rows["model"] == "Broken", "error"].str.contains("Cannot import").all()
+
+    summary = (output / "summary.md").read_text()
+    assert "| toy | DADF | 2 |" in summary
+    assert "±" in summary
+    assert "Failed runs" in summary
+    assert (output / "image_auroc.png").stat().st_size > 1000
