@@ -3,8 +3,10 @@
     python examples/train_and_export.py --root datasets/MVTecAD --category bottle
     python examples/train_and_export.py --root datasets/toy --category widget --offline
 
-``--offline`` uses a randomly initialised backbone so nothing is downloaded (for the toy data set
-from ``python -m anomalib_dadf.data.synthetic``); leave it out on real data.
+The prior is EfficientNet-Lite0: online timm downloads its ImageNet weights; offline, install them
+first with ``python -m anomalib_dadf.weights install tf_efficientnet_lite0``. ``--offline`` uses a
+randomly initialised backbone instead (a smoke test on the toy data set from
+``python -m anomalib_dadf.data.synthetic``); leave it out on real data.
 """
 
 import argparse
@@ -27,15 +29,16 @@ def main() -> None:
 
     # The lite preset (configs/dadf_lite.yaml) so that the example finishes in minutes on a CPU.
     model = Dadf(
-        backbone="resnet18",
+        backbone="tf_efficientnet_lite0",
+        layers=["blocks.1", "blocks.2", "blocks.4"],
         pre_trained=not arguments.offline,
         embed_dim=64,
         depth=2,
         num_heads=4,
         mlp_ratio=2.0,
         flow_steps=4,
-        reconstruction_epochs=10,
-        flow_epochs=4,
+        reconstruction_epochs=5,
+        flow_epochs=15,
         reconstruction_lr=5e-4,
     )
     datamodule = MVTec(root=arguments.root, category=arguments.category, train_batch_size=16, num_workers=2)

@@ -150,3 +150,17 @@ def test_deployment_example_writes_heat_map_overlays(trained, tmp_path: Path, mo
     overlay = np.asarray(Image.open(written[0]))
     assert overlay.shape == (64, 64, 3)
     assert np.abs(overlay[..., 0].astype(int) - overlay[..., 2]).max() > 0, "a coloured heat map, not gray"
+
+
+def test_accuracy_controlled_int8_exports_and_predicts(trained, monkeypatch) -> None:
+    monkeypatch.chdir(trained.work)
+    exported = Engine(default_root_dir=trained.work).export(
+        model=trained.model,
+        export_type=ExportType.OPENVINO,
+        export_root=trained.work / "acq",
+        compression_type=CompressionType.INT8_ACQ,
+        datamodule=trained.datamodule,
+    )
+    got = exported_predictions(exported, trained.images)
+    assert got["anomaly_map"].shape == (len(trained.images), 64, 64)
+    assert np.isfinite(got["pred_score"]).all()
