@@ -1,5 +1,6 @@
 """The benchmark harness: any importable model, shared metrics, CSV + Markdown + plot, failures kept."""
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,12 @@ def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> 
     assert "±" in summary
     assert "Failed runs" in summary
     assert (output / "image_auroc.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_paper.yaml"])
+def test_committed_benchmark_configs_name_real_classes_and_arguments(name: str) -> None:
+    config = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert config["models"] and config["data"]
+    for entry in config["models"] + config["data"]:
+        signature = inspect.signature(import_class(entry["class_path"]))
+        signature.bind_partial(**entry.get("init_args", {}))  # raises on an argument the class does not take
