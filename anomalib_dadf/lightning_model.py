@@ -43,6 +43,25 @@ from .torch_model import DadfModel
 
 logger = logging.getLogger(__name__)
 
+# Arguments that shape the network, and so must match a checkpoint's weights.
+ARCHITECTURE = (
+    "backbone",
+    "layers",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "flow_steps",
+    "flow_clamp",
+    "flow_hidden_ratio",
+    "flow_inputs",
+)
+
+
+def _plain(value: object) -> object:
+    """Lists and tuples compare equal: a checkpoint stores what the command line or Python gave."""
+    return list(value) if isinstance(value, tuple | list) else value
+
 
 class Stage(str, Enum):
     """DADF's training stages, in order."""
@@ -148,36 +167,39 @@ class Dadf(AnomalibModule):
         The frozen backbone is part of every checkpoint, so restoring one never needs the pretrained
         weights; they are loaded in :meth:`on_fit_start` when training starts from scratch.
         """
-        model_arguments = {
-            key: self.hparams[key]
-            for key in (
-                "backbone",
-                "layers",
-                "embed_dim",
-                "depth",
-                "num_heads",
-                "mlp_ratio",
-                "flow_steps",
-                "flow_clamp",
-                "flow_hidden_ratio",
-                "flow_inputs",
-            )
-        }
+        model_arguments = {key: self.hparams[key] for key in ARCHITECTURE}
         return DadfModel(input_size=input_size, pre_trained=False, **model_arguments)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the pre-processor, then rebuild the model if the checkpoint's input size differs.
+        """Restore the pre-processor and rebuild the network as the checkpoint's, before its weights load.
 
-        The token grid and the flows' norms depend on the input size, which the checkpoint's
-        pre-processor defines; the state dict is loaded after this hook.
+        The token grid and the flows' norms depend on the input size (from the checkpoint's
+        pre-processor), and the layers on the architecture the checkpoint was trained with, which may
+        differ from the arguments this module was built with (``anomalib test --ckpt_path`` builds it
+        from the command line). Lightning loads the state dict after this hook.
+
+        Raises:
+            ValueError: The checkpoint is not a DADF checkpoint.
         """
-        super().on_load_checkpoint(checkpoint)
-        if self.input_size is not None and tuple(self.input_size) != self.model.input_size:
-            self.model = self._build_model(self.input_size)
         state = checkpoint.get("state_dict", {})
+        if not any(key.startswith("model.transformer.") for key in state):
+            found = sorted({key.split(".")[1] for key in state if key.startswith("model.")})[:5]
+            msg = (
+                f"This is not a DADF checkpoint (its model holds {found or 'nothing'}, no dual-attention Transformer). "
+                "Load it with the model class it was trained with."
+            )
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("hyper_parameters", {})
+        architecture = {key: saved[key] for key in ARCHITECTURE if key in saved}
+        differs = any(_plain(self.hparams.get(key)) != _plain(value) for key, value in architecture.items())
+        if differs or (self.input_size is not None and tuple(self.input_size) != self.model.input_size):
+            self.hparams.update(architecture)
+            self.model = self._build_model(self.input_size)
         if "flow_steps_trained" not in state:
             # Checkpoints of version 0.1 predate the counter: a stage-2 epoch means the flows trained.
-            flow_epochs_done = checkpoint.get("epoch", 0) >= self.reconstruction_epochs
+            reconstruction_epochs = saved.get("reconstruction_epochs", self.reconstruction_epochs)
+            flow_epochs_done = checkpoint.get("epoch", 0) >= reconstruction_epochs
             state["flow_steps_trained"] = torch.tensor(int(flow_epochs_done), dtype=torch.long)
 
     def on_fit_start(self) -> None:

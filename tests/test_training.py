@@ -148,6 +148,29 @@ def test_checkpoint_restores_its_own_input_size(mvtec_root: Path, tmp_path: Path
     assert torch.allclose(model(images).anomaly_map, restored(images).anomaly_map, atol=1e-5)
 
 
+def test_testing_a_checkpoint_with_other_model_arguments_uses_the_checkpoints(mvtec_root: Path, tmp_path: Path) -> None:
+    """``anomalib test --model anomalib_dadf.Dadf --ckpt_path CKPT`` without repeating the training arguments."""
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1)
+    engine.fit(model=tiny_dadf(), datamodule=datamodule(mvtec_root))
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path
+    (trained,) = engine.test(model=tiny_dadf(), datamodule=datamodule(mvtec_root), ckpt_path=checkpoint)
+
+    other = tiny_dadf(embed_dim=32, depth=2, flow_steps=4)
+    (tested,) = Engine(default_root_dir=tmp_path / "other", accelerator="cpu", devices=1).test(
+        model=other, datamodule=datamodule(mvtec_root), ckpt_path=checkpoint,
+    )
+    assert (other.hparams["embed_dim"], other.hparams["depth"]) == (16, 1)
+    assert tested["image_AUROC"] == pytest.approx(trained["image_AUROC"])
+
+
+def test_a_checkpoint_of_another_model_is_named(tmp_path: Path) -> None:
+    foreign = tmp_path / "patchcore.ckpt"
+    state = {"state_dict": {"model.memory_bank": torch.zeros(4, 8)}, "hyper_parameters": {}}
+    torch.save({**state, "pytorch-lightning_version": "2.6.6"}, foreign)
+    with pytest.raises(ValueError, match=r"not a DADF checkpoint \(its model holds \['memory_bank'\]"):
+        Dadf.load_from_checkpoint(foreign)
+
+
 def test_resuming_in_the_flow_stage_keeps_the_transformer(mvtec_root: Path, tmp_path: Path) -> None:
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "every", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     first = Engine(default_root_dir=tmp_path / "first", callbacks=[every_epoch], accelerator="cpu", devices=1)

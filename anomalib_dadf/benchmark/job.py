@@ -164,8 +164,8 @@ class DadfBenchmarkJob(Job):
 class DadfBenchmarkJobGenerator(JobGenerator):
     """Every model x data set x seed of a benchmark config (see ``configs/benchmark.yaml``).
 
-    A model runs ``seeds`` times (its own ``seeds`` entry, else the config's); deterministic models
-    say ``seeds: 1``.
+    A model runs ``seeds`` times (its own ``seeds`` entry, else the config's; deterministic models
+    say ``seeds: 1``), at most as often as its data entry's ``seeds`` allows.
     """
 
     @property
@@ -183,7 +183,8 @@ class DadfBenchmarkJobGenerator(JobGenerator):
         args = args or {}
         for data in args["data"]:
             for model in args["models"]:
-                for seed in range(int(model.get("seeds", args.get("seeds", 1)))):
+                seeds = min(int(model.get("seeds", args.get("seeds", 1))), int(data.get("seeds", 1_000)))
+                for seed in range(seeds):
                     yield DadfBenchmarkJob({
                         "data": data,
                         "model": model,
