@@ -97,7 +97,7 @@ def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> 
     assert (output / "image_auroc.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_paper.yaml"])
+@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_ablation.yaml", "benchmark_paper.yaml"])
 def test_committed_benchmark_configs_name_real_classes_and_arguments(name: str) -> None:
     config = yaml.safe_load((REPO / "configs" / name).read_text())
     assert config["models"] and config["data"]
