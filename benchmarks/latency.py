@@ -54,8 +54,15 @@ def fastflow() -> Fastflow:
     return Fastflow(backbone="resnet18", pre_trained=False).eval()
 
 
-def backbone_only() -> torch.nn.Module:
-    return dadf().model.feature_extractor.eval()
+class BackboneOnly(torch.nn.Module):
+    """DADF's frozen prior alone, returning a tuple (OpenVINO's converter cannot trace a dict of maps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extractor = dadf().model.feature_extractor.eval()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.extractor(images).values())
 
 
 def export(name: str, folder: Path, calibration: MVTec) -> Path:
@@ -64,7 +71,7 @@ def export(name: str, folder: Path, calibration: MVTec) -> Path:
     if name == "backbone":
         model_path = folder / name / "model.xml"
         model_path.parent.mkdir(parents=True, exist_ok=True)
-        ov.save_model(ov.convert_model(backbone_only(), example_input=torch.rand(1, 3, SIZE, SIZE)), model_path)
+        ov.save_model(ov.convert_model(BackboneOnly().eval(), example_input=torch.rand(1, 3, SIZE, SIZE)), model_path)
         return model_path
     base, _, precision = name.partition(" ")
     compression = {"": None, "FP16": CompressionType.FP16, "INT8_PTQ": CompressionType.INT8_PTQ}[precision]
