@@ -63,11 +63,14 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "export_tolerance.md")
     arguments = parser.parse_args()
 
-    runs = []
+    runs, start = [], Path.cwd()
     for seed in range(arguments.seeds):
         with tempfile.TemporaryDirectory() as scratch:
             os.chdir(scratch)  # the inferencer writes its compile cache into the working directory
-            runs.append(measure(seed, Path(scratch)))
+            try:
+                runs.append(measure(seed, Path(scratch)))
+            finally:
+                os.chdir(start)
     lines = [
         f"# Export tolerance (`python benchmarks/export_tolerance.py --seeds {arguments.seeds}`)",
         "",

@@ -54,6 +54,7 @@ def test_mapping_refuses_another_architecture() -> None:
 def test_installed_weights_load_by_name_offline_for_dadf_and_patchcore(offline_cache: Path) -> None:
     written = install("tf_efficientnet_lite0")
     assert written.is_relative_to(offline_cache)
+    # pretrained=True below reads the temporary cache this test just filled; the hub is switched off.
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=True)
     assert classify_chelsea(reference) in CAT_CLASSES
 
@@ -65,7 +66,7 @@ def test_installed_weights_load_by_name_offline_for_dadf_and_patchcore(offline_c
 
 
 def test_missing_pretrained_weights_offline_name_the_fix(offline_cache: Path, mvtec_root: Path, tmp_path: Path) -> None:
-    del offline_cache
+    del offline_cache  # an empty temporary cache with the hub switched off: the weights cannot be had
     model = tiny_dadf(pre_trained=True)
     datamodule = MVTec(root=mvtec_root, category="widget", num_workers=0)
     with pytest.raises(RuntimeError, match=r"backbone 'resnet18'.*HF_HUB_OFFLINE=1.*anomalib_dadf.weights install"):
