@@ -37,7 +37,8 @@ class DadfModel(nn.Module):
         mlp_ratio: MLP width of the blocks relative to the token width.
         flow_steps: Coupling steps per scale.
         flow_clamp: Affine clamping of the couplings.
-        flow_hidden_ratio: Depthwise channel multiplier of the coupling subnets.
+        flow_hidden_ratio: Channel multiplier of the coupling subnets' hidden layer.
+        flow_subnet: Coupling subnets: ``"depthwise"`` (DADF's) or ``"conv"`` (FastFlow's full convolutions).
         flow_inputs: Views the flows see, a subset of ``("prior", "local", "global")`` in that order;
             DADF uses all three, fewer are ablations.
 
@@ -58,6 +59,7 @@ class DadfModel(nn.Module):
         flow_steps: int = 8,
         flow_clamp: float = 2.0,
         flow_hidden_ratio: int = 1,
+        flow_subnet: str = "depthwise",
         flow_inputs: Sequence[str] = FLOW_VIEWS,
     ) -> None:
         super().__init__()
@@ -90,6 +92,7 @@ class DadfModel(nn.Module):
                 flow_steps=flow_steps,
                 clamp=flow_clamp,
                 hidden_ratio=flow_hidden_ratio,
+                subnet=flow_subnet,
             )
             for shape in scales.feature_shapes(self.input_size)
         )

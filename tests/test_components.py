@@ -131,9 +131,10 @@ def test_both_streams_share_block_weights() -> None:
     assert transformer.memory.shape == (1, 6, 24)
 
 
-def test_flow_is_invertible_and_its_log_determinant_is_exact() -> None:
+@pytest.mark.parametrize("subnet", ["depthwise", "conv"])
+def test_flow_is_invertible_and_its_log_determinant_is_exact(subnet: str) -> None:
     torch.manual_seed(0)
-    flow = DiscriminativeFlow((2, 2, 2), flow_steps=4).double()
+    flow = DiscriminativeFlow((2, 2, 2), flow_steps=4, subnet=subnet).double()
     # Give the couplings non-trivial scales and shifts (subnets start near zero otherwise).
     with torch.no_grad():
         for parameter in (parameter for parameter in flow.flow.parameters() if parameter.requires_grad):
@@ -148,6 +149,20 @@ def test_flow_is_invertible_and_its_log_determinant_is_exact() -> None:
     _, numerical = torch.linalg.slogdet(jacobian)
     assert abs(log_jacobian.item()) > 0.1
     assert log_jacobian.item() == pytest.approx(numerical.item(), abs=1e-8)
+
+
+@pytest.mark.parametrize(("subnet", "grouped"), [("depthwise", True), ("conv", False)])
+def test_flow_subnets_are_depthwise_or_full_convolutions(subnet: str, grouped: bool) -> None:
+    flow = DiscriminativeFlow((4, 8, 8), num_views=3, flow_steps=4, subnet=subnet, hidden_ratio=2)
+    first_convs = [block.subnet[0] for block in flow.flow.module_list]
+    assert [conv.kernel_size for conv in first_convs] == [(3, 3), (1, 1), (3, 3), (1, 1)]
+    assert all((conv.groups == conv.in_channels) is grouped for conv in first_convs)
+    assert all(conv.out_channels == 2 * conv.in_channels for conv in first_convs)
+
+
+def test_unknown_flow_subnet_is_named() -> None:
+    with pytest.raises(ValueError, match="Unknown flow subnet 'resnet': choose one of"):
+        DiscriminativeFlow((4, 8, 8), subnet="resnet")
 
 
 @pytest.mark.parametrize(

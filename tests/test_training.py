@@ -155,11 +155,11 @@ def test_testing_a_checkpoint_with_other_model_arguments_uses_the_checkpoints(mv
     checkpoint = engine.trainer.checkpoint_callback.best_model_path
     (trained,) = engine.test(model=tiny_dadf(), datamodule=datamodule(mvtec_root), ckpt_path=checkpoint)
 
-    other = tiny_dadf(embed_dim=32, depth=2, flow_steps=4)
+    other = tiny_dadf(embed_dim=32, depth=2, flow_steps=4, flow_subnet="conv")
     (tested,) = Engine(default_root_dir=tmp_path / "other", accelerator="cpu", devices=1).test(
         model=other, datamodule=datamodule(mvtec_root), ckpt_path=checkpoint,
     )
-    assert (other.hparams["embed_dim"], other.hparams["depth"]) == (16, 1)
+    assert (other.hparams["embed_dim"], other.hparams["depth"], other.hparams["flow_subnet"]) == (16, 1, "depthwise")
     assert tested["image_AUROC"] == pytest.approx(trained["image_AUROC"])
 
 

@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import torch
 from anomalib.models.components.flow import AllInOneBlock
+from anomalib.models.image.fastflow.torch_model import subnet_conv_func
 from FrEIA.framework import SequenceINN
 from torch import nn
 
@@ -30,6 +31,13 @@ def depthwise_subnet(kernel_size: int, hidden_ratio: int) -> Callable[[int, int]
     return build
 
 
+# "depthwise" is DADF's; "conv" is FastFlow's full-convolution subnet, a capacity option for tuning.
+SUBNETS: dict[str, Callable[[int, int], Callable[[int, int], nn.Module]]] = {
+    "depthwise": depthwise_subnet,
+    "conv": subnet_conv_func,
+}
+
+
 class DiscriminativeFlow(nn.Module):
     """LayerNorm over the concatenated views followed by ``AllInOneBlock`` steps in a FrEIA ``SequenceINN``.
 
@@ -40,9 +48,14 @@ class DiscriminativeFlow(nn.Module):
     Args:
         feature_shape: ``(channels, height, width)`` of the prior at this scale.
         num_views: How many views of that shape are concatenated (3 in DADF: prior, local, global).
-        flow_steps: Number of coupling steps; the depthwise kernel alternates 3x3 and 1x1.
+        flow_steps: Number of coupling steps; the subnets' kernel alternates 3x3 and 1x1.
         clamp: Affine clamping of the couplings.
-        hidden_ratio: Depthwise channel multiplier of the coupling subnets.
+        hidden_ratio: Channel multiplier of the coupling subnets' hidden layer.
+        subnet: ``"depthwise"`` (DADF's: depthwise conv, pointwise conv) or ``"conv"`` (FastFlow's:
+            two full convolutions of the step's kernel size).
+
+    Raises:
+        ValueError: Unknown subnet.
     """
 
     def __init__(
@@ -52,8 +65,12 @@ class DiscriminativeFlow(nn.Module):
         flow_steps: int = 8,
         clamp: float = 2.0,
         hidden_ratio: int = 1,
+        subnet: str = "depthwise",
     ) -> None:
         super().__init__()
+        if subnet not in SUBNETS:
+            msg = f"Unknown flow subnet '{subnet}': choose one of {list(SUBNETS)}."
+            raise ValueError(msg)
         channels, height, width = feature_shape
         flow_shape = (num_views * channels, height, width)
         self.norm = nn.LayerNorm(list(flow_shape))
@@ -61,7 +78,7 @@ class DiscriminativeFlow(nn.Module):
         for step in range(flow_steps):
             self.flow.append(
                 AllInOneBlock,
-                subnet_constructor=depthwise_subnet(3 if step % 2 == 0 else 1, hidden_ratio),
+                subnet_constructor=SUBNETS[subnet](3 if step % 2 == 0 else 1, hidden_ratio),
                 affine_clamping=clamp,
                 permute_soft=False,
             )
