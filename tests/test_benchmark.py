@@ -11,6 +11,8 @@ import torch
 import yaml
 
 from anomalib_dadf.benchmark import TimmFastflow, import_class
+from anomalib_dadf.benchmark.__main__ import merged
+from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator
 from anomalib_dadf.data.synthetic import make_mvtec_loco
 
 from .conftest import TINY_MODEL
@@ -97,7 +99,36 @@ def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> 
     assert (output / "image_auroc.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_ablation.yaml", "benchmark_paper.yaml"])
+CONFIG = {
+    "models": [{"name": "A"}, {"name": "B"}, {"name": "C"}],
+    "data": [{"name": "x"}, {"name": "y"}],
+    "seeds": 2,
+}
+
+
+def test_part_of_the_grid_can_be_selected_and_unknown_names_are_named() -> None:
+    jobs = list(DadfBenchmarkJobGenerator(models=["C"], data=["y"])(CONFIG))
+    assert [(job.spec["data"]["name"], job.spec["model"]["name"], job.spec["seed"]) for job in jobs] == [
+        ("y", "C", 0), ("y", "C", 1),
+    ]
+    with pytest.raises(ValueError, match=r"No models entry named \['D'\] in the config; its models are \['A', 'B', 'C'\]"):
+        list(DadfBenchmarkJobGenerator(models=["D"])(CONFIG))
+
+
+def test_a_partial_run_replaces_only_its_cells_and_keeps_config_order(tmp_path: Path) -> None:
+    earlier = pd.DataFrame({
+        "data": ["x", "x", "y", "y", "y"], "model": ["A", "C", "A", "C", "C"], "seed": [0, 0, 0, 0, 1],
+        "image_AUROC": [0.1, 0.2, 0.3, 0.4, 0.5],
+    })
+    earlier.to_csv(tmp_path / "results.csv", index=False)
+    rerun = pd.DataFrame({"data": ["y", "x"], "model": ["C", "B"], "seed": [0, 0], "image_AUROC": [0.9, 0.8]})
+    rows = merged(rerun, tmp_path / "results.csv", CONFIG)
+    assert list(zip(rows["data"], rows["model"], rows["image_AUROC"], strict=True)) == [
+        ("x", "A", 0.1), ("x", "B", 0.8), ("x", "C", 0.2), ("y", "A", 0.3), ("y", "C", 0.9),
+    ]
+
+
+@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_ablation.yaml", "benchmark_paper.yaml", "tuning.yaml"])
 def test_committed_benchmark_configs_name_real_classes_and_arguments(name: str) -> None:
     config = yaml.safe_load((REPO / "configs" / name).read_text())
     assert config["models"] and config["data"]

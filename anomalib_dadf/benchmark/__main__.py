@@ -3,16 +3,21 @@
 Every model x data set x seed of the config is fitted and tested in a fresh process through
 anomalib's serial runner; the results go to ``results.csv`` (one row per run), ``summary.md``
 (mean ± std over seeds) and ``image_auroc.png`` in the config's ``output`` folder.
+
+``--models`` / ``--data`` run part of the grid and merge it into the folder's ``results.csv``: rows of
+the re-run cells are replaced, all others are kept, and the report is written anew.
 """
 
 import argparse
 import datetime
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from anomalib.pipelines.components.runners import SerialRunner
 
@@ -26,22 +31,43 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()}"
 
 
+def merged(results: pd.DataFrame, previous: Path, config: dict) -> pd.DataFrame:
+    """``results`` in place of the same data/model cells of an earlier ``results.csv``, in config order."""
+    if previous.is_file():
+        earlier = pd.read_csv(previous)
+        rerun = set(zip(results["data"], results["model"], strict=True))
+        kept = [cell not in rerun for cell in zip(earlier["data"], earlier["model"], strict=True)]
+        results = pd.concat([earlier[kept], results], ignore_index=True)
+    order = {
+        key: {entry["name"]: index for index, entry in enumerate(config[key])} for key in ("data", "models")
+    }
+    unknown = len(config["data"]) + len(config["models"])  # rows of entries since removed from the config go last
+    rank = results["data"].map(order["data"]).fillna(unknown) * 1000 + results["model"].map(order["models"]).fillna(
+        unknown
+    )
+    return results.iloc[rank.to_numpy().argsort(kind="stable")].reset_index(drop=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="benchmark YAML, e.g. configs/benchmark.yaml")
     parser.add_argument("--output", type=Path, default=None, help="overrides the config's output folder")
+    parser.add_argument("--models", nargs="+", default=None, help="run only these models (names in the config)")
+    parser.add_argument("--data", nargs="+", default=None, help="run only these data sets (names in the config)")
     arguments = parser.parse_args()
     config = yaml.safe_load(arguments.config.read_text())
     output = arguments.output or Path(config.get("output", "results/benchmark"))
 
     start = time.perf_counter()
-    results = SerialRunner(DadfBenchmarkJobGenerator()).run(config)
+    results = SerialRunner(DadfBenchmarkJobGenerator(arguments.models, arguments.data)).run(config)
+    if arguments.models or arguments.data:
+        results = merged(results, output / "results.csv", config)
     minutes = (time.perf_counter() - start) / 60
     header = (
         f"# Benchmark: {config.get('title', arguments.config.stem)}\n\n"
-        f"Command: `{' '.join(['python -m anomalib_dadf.benchmark', *sys.argv[1:]])}` "
+        f"Command: `python -m anomalib_dadf.benchmark {shlex.join(sys.argv[1:])}` "
         f"(config `{arguments.config}`), {datetime.date.today().isoformat()}, {machine()}, "
-        f"{minutes:.0f} min in all. Input {config.get('input_size')} for every model; "
+        f"{minutes:.0f} min{' for the re-run cells' if arguments.models or arguments.data else ' in all'}. Input {config.get('input_size')} for every model; "
         "metrics are mean ± std over seeds; fit and test seconds, inference ms per image (model forward incl. "
         "pre- and post-processing, one test batch), peak resident memory of the run's process.\n\n"
         f"{config.get('notes', '').strip()}"

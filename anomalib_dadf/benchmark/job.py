@@ -166,7 +166,17 @@ class DadfBenchmarkJobGenerator(JobGenerator):
 
     A model runs ``seeds`` times (its own ``seeds`` entry, else the config's; deterministic models
     say ``seeds: 1``), at most as often as its data entry's ``seeds`` allows.
+
+    Args:
+        models: Names of the config's models to run; ``None`` runs all.
+        data: Names of the config's data sets to run; ``None`` runs all.
+
+    Raises:
+        ValueError: A name that is not in the config.
     """
+
+    def __init__(self, models: list[str] | None = None, data: list[str] | None = None) -> None:
+        self.models, self.data = models, data
 
     @property
     def job_class(self) -> type[DadfBenchmarkJob]:
@@ -181,8 +191,8 @@ class DadfBenchmarkJobGenerator(JobGenerator):
         """Yield the jobs of a benchmark config, data set by data set."""
         del prev_stage_result
         args = args or {}
-        for data in args["data"]:
-            for model in args["models"]:
+        for data in _selected(args["data"], self.data, "data"):
+            for model in _selected(args["models"], self.models, "models"):
                 seeds = min(int(model.get("seeds", args.get("seeds", 1))), int(data.get("seeds", 1_000)))
                 for seed in range(seeds):
                     yield DadfBenchmarkJob({
@@ -192,3 +202,13 @@ class DadfBenchmarkJobGenerator(JobGenerator):
                         "input_size": list(args.get("input_size", [256, 256])),
                         "accelerator": args.get("accelerator", "cpu"),
                     })
+
+
+def _selected(entries: list[dict[str, Any]], names: list[str] | None, key: str) -> list[dict[str, Any]]:
+    if names is None:
+        return entries
+    known = [entry["name"] for entry in entries]
+    if unknown := sorted(set(names) - set(known)):
+        msg = f"No {key} entry named {unknown} in the config; its {key} are {known}."
+        raise ValueError(msg)
+    return [entry for entry in entries if entry["name"] in names]
