@@ -97,6 +97,24 @@ def test_compressed_exports_stay_within_their_measured_tolerance(trained, compre
     assert result["map_pearson"] > COMPRESSED_MIN_PEARSON[compression]
 
 
+def test_ptq_calibrates_on_training_images_with_the_transformer_scheme(trained, monkeypatch) -> None:
+    import nncf
+
+    calls = {}
+
+    def spy(model: object, dataset: nncf.Dataset, **kwargs: object) -> object:
+        calls["images"] = sum(len(item) for item in dataset.get_inference_data())
+        calls.update(kwargs)
+        return model
+
+    monkeypatch.setattr(nncf, "quantize", spy)
+    Dadf._post_training_quantization_ov(object(), trained.datamodule)
+    assert calls["model_type"] == nncf.ModelType.TRANSFORMER
+    assert calls["images"] == len(trained.datamodule.train_data), "every training image, none from validation"
+    with pytest.raises(ValueError, match="INT8_PTQ calibrates on training images: pass the data module"):
+        Dadf._post_training_quantization_ov(object(), None)
+
+
 class StopAfterFirstEpoch(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del pl_module
