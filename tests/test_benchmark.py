@@ -13,6 +13,7 @@ import yaml
 from anomalib_dadf.benchmark import TimmFastflow, import_class
 from anomalib_dadf.benchmark.__main__ import merged
 from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator
+from anomalib_dadf.benchmark.report import ranking, summarise
 from anomalib_dadf.data.synthetic import make_mvtec_loco
 
 from .conftest import TINY_MODEL
@@ -125,6 +126,17 @@ def test_a_partial_run_replaces_only_its_cells_and_keeps_config_order(tmp_path: 
     rows = merged(rerun, tmp_path / "results.csv", CONFIG)
     assert list(zip(rows["data"], rows["model"], rows["image_AUROC"], strict=True)) == [
         ("x", "A", 0.1), ("x", "B", 0.8), ("x", "C", 0.2), ("y", "A", 0.3), ("y", "C", 0.9),
+    ]
+
+
+def test_ranking_averages_metrics_then_data_sets() -> None:
+    results = pd.DataFrame({
+        "data": ["x", "x", "x", "y", "y"], "model": ["A", "A", "B", "A", "B"], "seed": [0, 1, 0, 0, 0],
+        "image_AUROC": [0.6, 0.8, 0.9, 0.5, 0.4], "pixel_AUROC": [0.9, 0.9, 0.9, 0.7, 1.0],
+    })
+    # A: x (0.7 + 0.9) / 2 = 0.8, y 0.6 -> 0.7; B: x 0.9, y 0.7 -> 0.8
+    assert ranking(summarise(results), ["image_AUROC", "pixel_AUROC"]).splitlines()[2:] == [
+        "| 1 | B | 0.800 |", "| 2 | A | 0.700 |",
     ]
 
 

@@ -5,7 +5,9 @@ anomalib's serial runner; the results go to ``results.csv`` (one row per run), `
 (mean ± std over seeds) and ``image_auroc.png`` in the config's ``output`` folder.
 
 ``--models`` / ``--data`` run part of the grid and merge it into the folder's ``results.csv``: rows of
-the re-run cells are replaced, all others are kept, and the report is written anew.
+the re-run cells are replaced, all others are kept, and the report is written anew. ``--report-only``
+runs nothing and writes the report anew from the folder's ``results.csv`` (after a change to the
+config's ``notes`` or ``rank_by``, say).
 """
 
 import argparse
@@ -54,25 +56,31 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="overrides the config's output folder")
     parser.add_argument("--models", nargs="+", default=None, help="run only these models (names in the config)")
     parser.add_argument("--data", nargs="+", default=None, help="run only these data sets (names in the config)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the existing results.csv")
     arguments = parser.parse_args()
     config = yaml.safe_load(arguments.config.read_text())
     output = arguments.output or Path(config.get("output", "results/benchmark"))
 
-    start = time.perf_counter()
-    results = SerialRunner(DadfBenchmarkJobGenerator(arguments.models, arguments.data)).run(config)
-    if arguments.models or arguments.data:
-        results = merged(results, output / "results.csv", config)
-    minutes = (time.perf_counter() - start) / 60
+    if arguments.report_only:
+        results = pd.read_csv(output / "results.csv")
+        ran = "report rewritten from the results.csv of an earlier run"
+    else:
+        start = time.perf_counter()
+        results = SerialRunner(DadfBenchmarkJobGenerator(arguments.models, arguments.data)).run(config)
+        if arguments.models or arguments.data:
+            results = merged(results, output / "results.csv", config)
+        minutes = (time.perf_counter() - start) / 60
+        ran = f"{minutes:.0f} min{' for the re-run cells' if arguments.models or arguments.data else ' in all'}"
     header = (
         f"# Benchmark: {config.get('title', arguments.config.stem)}\n\n"
         f"Command: `python -m anomalib_dadf.benchmark {shlex.join(sys.argv[1:])}` "
         f"(config `{arguments.config}`), {datetime.date.today().isoformat()}, {machine()}, "
-        f"{minutes:.0f} min{' for the re-run cells' if arguments.models or arguments.data else ' in all'}. Input {config.get('input_size')} for every model; "
+        f"{ran}. Input {config.get('input_size')} for every model; "
         "metrics are mean ± std over seeds; fit and test seconds, inference ms per image (model forward incl. "
         "pre- and post-processing, one test batch), peak resident memory of the run's process.\n\n"
         f"{config.get('notes', '').strip()}"
     )
-    print(f"Wrote {write_report(results, output, header)}")
+    print(f"Wrote {write_report(results, output, header, config.get('rank_by'))}")
 
 
 if __name__ == "__main__":

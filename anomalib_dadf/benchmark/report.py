@@ -45,6 +45,14 @@ def markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def ranking(summary: pd.DataFrame, metrics: list[str]) -> str:
+    """Models ranked by the mean over data sets of the mean of ``metrics`` (each itself a mean over seeds)."""
+    score = summary[metrics].mean(axis=1).groupby(summary["model"], sort=False).mean().sort_values(ascending=False)
+    lines = ["| rank | model | score |", "|---|---|---|"]
+    lines += [f"| {rank} | {model} | {value:.3f} |" for rank, (model, value) in enumerate(score.items(), start=1)]
+    return "\n".join(lines)
+
+
 def plot(summary: pd.DataFrame, path: Path) -> None:
     """Image AUROC per data set, one bar per model, with the spread over seeds."""
     data, models = list(dict.fromkeys(summary["data"])), list(dict.fromkeys(summary["model"]))
@@ -64,14 +72,19 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(results: pd.DataFrame, output: Path, header: str) -> Path:
-    """Write ``results.csv`` (one row per run), ``summary.md`` and ``image_auroc.png`` into ``output``."""
+def write_report(results: pd.DataFrame, output: Path, header: str, rank_by: list[str] | None = None) -> Path:
+    """Write ``results.csv`` (one row per run), ``summary.md`` and ``image_auroc.png`` into ``output``.
+
+    With ``rank_by`` (metric names), ``summary.md`` also ranks the models by :func:`ranking`.
+    """
     output.mkdir(parents=True, exist_ok=True)
     results.to_csv(output / "results.csv", index=False)
     summary = summarise(results)
     errors = results[results["error"].notna()] if "error" in results else results.iloc[0:0]
     failed = [f"- {row.data} / {row.model} / seed {row.seed}: {row.error}" for row in errors.itertuples()]
     text = f"{header}\n\n{markdown(summary)}\n\n![image AUROC](image_auroc.png)\n"
+    if rank_by:
+        text += f"\nRanking by the mean of {', '.join(rank_by)} over the data sets:\n\n{ranking(summary, rank_by)}\n"
     if failed:
         text += "\nFailed runs:\n\n" + "\n".join(failed) + "\n"
     (output / "summary.md").write_text(text)
