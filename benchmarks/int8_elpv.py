@@ -58,7 +58,6 @@ def main() -> None:
     datamodule.setup()
     test = datamodule.test_data.samples
     paths, labels = list(test["image_path"]), np.asarray(test["label_index"], dtype=int)
-    validation = list(datamodule.val_data.samples["image_path"])
 
     with tempfile.TemporaryDirectory() as scratch:
         inferencers = {}
@@ -66,6 +65,8 @@ def main() -> None:
             model = model_class.load_from_checkpoint(arguments.ckpt)
             exported = model.to_openvino(Path(scratch) / str(index), compression_type=compression, datamodule=datamodule)
             inferencers[name] = OpenVINOInferencer(exported, device="CPU", config=F32)
+        # Calibration sets the data module up anew, which replaces (and deletes) its synthetic validation images.
+        validation = list(datamodule.val_data.samples["image_path"])
         agreement = {
             name: [float(np.squeeze(inferencer.predict(path).pred_score)) for path in validation]
             for name, inferencer in inferencers.items()
