@@ -359,7 +359,7 @@ class Dadf(AnomalibModule):
         Raises:
             ValueError: No data module to calibrate on.
         """
-        import nncf
+        import nncf  # the optional `openvino` extra, as in anomalib
 
         if datamodule is None:
             msg = "INT8_PTQ calibrates on training images: pass the data module (anomalib export ... --data ...)."

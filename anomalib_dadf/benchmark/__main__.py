@@ -40,14 +40,14 @@ def merged(results: pd.DataFrame, previous: Path, config: dict) -> pd.DataFrame:
         rerun = set(zip(results["data"], results["model"], strict=True))
         kept = [cell not in rerun for cell in zip(earlier["data"], earlier["model"], strict=True)]
         results = pd.concat([earlier[kept], results], ignore_index=True)
-    order = {
-        key: {entry["name"]: index for index, entry in enumerate(config[key])} for key in ("data", "models")
-    }
-    unknown = len(config["data"]) + len(config["models"])  # rows of entries since removed from the config go last
-    rank = results["data"].map(order["data"]).fillna(unknown) * 1000 + results["model"].map(order["models"]).fillna(
-        unknown
-    )
-    return results.iloc[rank.to_numpy().argsort(kind="stable")].reset_index(drop=True)
+    # Rows of entries since removed from the config go last.
+    positions = pd.DataFrame({
+        column: results[column].map({entry["name"]: index for index, entry in enumerate(config[key])}).fillna(
+            len(config[key]),
+        )
+        for column, key in (("data", "data"), ("model", "models"))
+    })
+    return results.loc[positions.sort_values(["data", "model"], kind="stable").index].reset_index(drop=True)
 
 
 def main() -> None:
