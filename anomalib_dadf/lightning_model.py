@@ -22,9 +22,8 @@ import logging
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openvino as ov
 import torch
 from anomalib import LearningType
 from anomalib.data import AnomalibDataModule, Batch, MVTecLOCO
@@ -41,6 +40,9 @@ from .components import pretrained_features
 from .loss import FlowLoss, ReconstructionLoss
 from .metrics import SPRO, FieldAwareEvaluator
 from .torch_model import DadfModel
+
+if TYPE_CHECKING:
+    import openvino as ov
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +350,10 @@ class Dadf(AnomalibModule):
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     @staticmethod
-    def _post_training_quantization_ov(model: ov.Model, datamodule: AnomalibDataModule | None = None) -> ov.Model:
+    def _post_training_quantization_ov(
+        model: "ov.Model",
+        datamodule: AnomalibDataModule | None = None,
+    ) -> "ov.Model":
         """INT8 post-training quantization with NNCF's Transformer scheme, calibrated on training images.
 
         anomalib's default calibrates on the validation split, which may hold anomalies, with NNCF's

@@ -112,8 +112,19 @@ def test_part_of_the_grid_can_be_selected_and_unknown_names_are_named() -> None:
     assert [(job.spec["data"]["name"], job.spec["model"]["name"], job.spec["seed"]) for job in jobs] == [
         ("y", "C", 0), ("y", "C", 1),
     ]
-    with pytest.raises(ValueError, match=r"No models entry named \['D'\] in the config; its models are \['A', 'B', 'C'\]"):
+    unknown = r"No models entry named \['D'\] in the config; its models are \['A', 'B', 'C'\]"
+    with pytest.raises(ValueError, match=unknown):
         list(DadfBenchmarkJobGenerator(models=["D"])(CONFIG))
+
+
+def test_a_data_set_can_cap_the_seeds_of_every_model() -> None:
+    config = {
+        **CONFIG,
+        "models": [{"name": "A", "seeds": 1}, {"name": "B"}],
+        "data": [{"name": "x"}, {"name": "y", "seeds": 1}],
+    }
+    jobs = [(job.spec["data"]["name"], job.spec["model"]["name"]) for job in DadfBenchmarkJobGenerator()(config)]
+    assert jobs == [("x", "A"), ("x", "B"), ("x", "B"), ("y", "A"), ("y", "B")]
 
 
 def test_a_partial_run_replaces_only_its_cells_and_keeps_config_order(tmp_path: Path) -> None:

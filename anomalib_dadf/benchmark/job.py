@@ -193,7 +193,9 @@ class DadfBenchmarkJobGenerator(JobGenerator):
         args = args or {}
         for data in _selected(args["data"], self.data, "data"):
             for model in _selected(args["models"], self.models, "models"):
-                seeds = min(int(model.get("seeds", args.get("seeds", 1))), int(data.get("seeds", 1_000)))
+                seeds = int(model.get("seeds", args.get("seeds", 1)))
+                if "seeds" in data:
+                    seeds = min(seeds, int(data["seeds"]))
                 for seed in range(seeds):
                     yield DadfBenchmarkJob({
                         "data": data,

@@ -1,8 +1,8 @@
 """Validation sets for tuning, made from training images only: held-out normals and Perlin-noise copies.
 
 anomalib's synthetic validation split blends its Perlin-noise anomalies into the image at 1-20 %
-opacity. On our data sets that is too faint to rank anything: the lite DADF scored image AUROC 0.39 to
-0.50 on it. This writes an MVTec AD-layout category from a list of *training* images instead:
+opacity, too faint on our data sets to rank configurations. This writes an MVTec AD-layout category
+from a list of *training* images instead, with visible anomalies:
 
 - ``train/good``: the training images that are not held out;
 - ``test/good``: the held-out training images;
