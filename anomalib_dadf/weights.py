@@ -117,7 +117,7 @@ def install(backbone: str, cache: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=repo.parent if repo.parent.exists() else None) as scratch:
         staged = Path(scratch) / "model.safetensors"
         save_file(state, staged)
-        revision = hashlib.sha1(staged.read_bytes()).hexdigest()  # noqa: S324 - a content name, not security
+        revision = hashlib.sha1(staged.read_bytes()).hexdigest()
         target = repo / "snapshots" / revision / "model.safetensors"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, target)

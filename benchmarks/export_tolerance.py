@@ -21,11 +21,11 @@ from lightning.pytorch import seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomalib_dadf import Dadf  # noqa: E402
-from anomalib_dadf.data import MVTec  # noqa: E402
-from anomalib_dadf.data.synthetic import make_mvtec  # noqa: E402
-from anomalib_dadf.parity import compare, exported_predictions, lightning_predictions  # noqa: E402
-from tests.conftest import TINY_MODEL, small_pre_processor  # noqa: E402
+from anomalib_dadf import Dadf
+from anomalib_dadf.data import MVTec
+from anomalib_dadf.data.synthetic import make_mvtec
+from anomalib_dadf.parity import compare, exported_predictions, lightning_predictions
+from tests.conftest import TINY_MODEL, small_pre_processor
 
 VARIANTS = {
     "FP32 (f32)": (None, None),

@@ -28,9 +28,9 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomalib_dadf import Dadf  # noqa: E402
-from anomalib_dadf.data import ELPV  # noqa: E402
-from anomalib_dadf.parity import F32  # noqa: E402
+from anomalib_dadf import Dadf
+from anomalib_dadf.data import ELPV
+from anomalib_dadf.parity import F32
 
 
 class AnomalibDefaultPtq(Dadf):
@@ -84,8 +84,10 @@ def main() -> None:
     lines = [
         f"# OpenVINO INT8 on ELPV {arguments.category} (`python benchmarks/int8_elpv.py --ckpt CKPT`)",
         "",
-        f"Checkpoint: `{arguments.ckpt}`. Agreement: Spearman correlation with FP32's image scores on the "
-        f"{len(validation)} validation images. {len(paths)} test cells, batch 1, f32 inference, image reading included.",
+        (
+            f"Checkpoint: `{arguments.ckpt}`. Agreement: Spearman correlation with FP32's image scores on the "
+            f"{len(validation)} validation images. {len(paths)} test cells, batch 1, f32 inference, image reading included."
+        ),
         "",
         "| variant | agreement with FP32 (validation) | image AUROC (test) | ms / image (median) | speed-up over FP32 |",
         "|---|---|---|---|---|",

@@ -30,10 +30,10 @@ from anomalib.models import Fastflow, Patchcore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from anomalib_dadf import Dadf  # noqa: E402
-from anomalib_dadf.data import MVTec  # noqa: E402
-from anomalib_dadf.data.synthetic import make_mvtec  # noqa: E402
-from anomalib_dadf.parity import F32  # noqa: E402
+from anomalib_dadf import Dadf
+from anomalib_dadf.data import MVTec
+from anomalib_dadf.data.synthetic import make_mvtec
+from anomalib_dadf.parity import F32
 
 SIZE = 256
 LITE = {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0, "flow_steps": 4}  # configs/dadf_lite.yaml
@@ -175,7 +175,7 @@ def main() -> None:
             runners["PatchCore torch eager"] = eager(patchcore)
             images = np.random.default_rng(batch).random((batch, 3, SIZE, SIZE), dtype=np.float32)
             times: dict[str, list[float]] = {name: [] for name in runners}
-            for name, runner in runners.items():
+            for runner in runners.values():
                 runner(images)  # warm-up
             for _ in range(arguments.rounds):
                 for name, runner in runners.items():
@@ -196,11 +196,13 @@ def main() -> None:
     lines = [
         f"# Latency (`python benchmarks/latency.py --rounds {arguments.rounds}`)",
         "",
-        f"ResNet-18 prior, {SIZE}x{SIZE}, CPU, OpenVINO at f32 with a static batch; median of {arguments.rounds} "
-        "interleaved rounds. Ratio: to DADF OpenVINO FP32 at the same batch. Memory: peak resident (VmHWM) of a "
-        "fresh process that loads and runs the variant. Size: the OpenVINO files on disk. PatchCore OpenVINO: "
-        "anomalib's export fixes its batch at 2 and cannot be reshaped, so the same deployed forward pass is "
-        "converted by OpenVINO from torch at each batch (its size is that of anomalib's export).",
+        (
+            f"ResNet-18 prior, {SIZE}x{SIZE}, CPU, OpenVINO at f32 with a static batch; median of {arguments.rounds} "
+            "interleaved rounds. Ratio: to DADF OpenVINO FP32 at the same batch. Memory: peak resident (VmHWM) of a "
+            "fresh process that loads and runs the variant. Size: the OpenVINO files on disk. PatchCore OpenVINO: "
+            "anomalib's export fixes its batch at 2 and cannot be reshaped, so the same deployed forward pass is "
+            "converted by OpenVINO from torch at each batch (its size is that of anomalib's export)."
+        ),
         "",
         "| batch | variant | ms / image | ratio to DADF FP32 | peak MiB | size MiB |",
         "|---|---|---|---|---|---|",

@@ -25,9 +25,9 @@ from anomalib.models.components import AnomalibModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from latency import SIZE, Deployed, dadf, dadf_tuned, fastflow  # noqa: E402
+from latency import SIZE, Deployed, dadf, dadf_tuned, fastflow
 
-from anomalib_dadf.parity import F32  # noqa: E402
+from anomalib_dadf.parity import F32
 
 # Module scopes in the exported graph, first match wins; FastFlow's names are mapped to the same stages.
 STAGES = {
@@ -93,10 +93,12 @@ def main() -> None:
     lines = [
         f"# Per-stage inference time (`python benchmarks/profile_stages.py --rounds {arguments.rounds}`)",
         "",
-        f"OpenVINO CPU, f32, static batch, {SIZE}x{SIZE}, ResNet-18 prior (the models of `latency.py`). "
-        "Sum of OpenVINO's per-node times per stage (median over rounds), ms per image and share of the total. "
-        "Per-node times add up to somewhat less than the wall-clock latency of `latency.py` (scheduling "
-        "between nodes is not counted).",
+        (
+            f"OpenVINO CPU, f32, static batch, {SIZE}x{SIZE}, ResNet-18 prior (the models of `latency.py`). "
+            "Sum of OpenVINO's per-node times per stage (median over rounds), ms per image and share of the total. "
+            "Per-node times add up to somewhat less than the wall-clock latency of `latency.py` (scheduling "
+            "between nodes is not counted)."
+        ),
         "",
         "| model | batch | " + " | ".join(order) + " | total |",
         "|---|---|" + "---|" * len(order) + "---|",

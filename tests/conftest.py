@@ -8,10 +8,10 @@ import pytest
 # Tests never reach a model hub; fail fast instead of waiting on a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from anomalib.pre_processing import PreProcessor  # noqa: E402
-from torchvision.transforms.v2 import Compose, Normalize, Resize  # noqa: E402
+from anomalib.pre_processing import PreProcessor
+from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_dadf.data.synthetic import make_mvtec  # noqa: E402
+from anomalib_dadf.data.synthetic import make_mvtec
 
 TINY_MODEL = {
     "backbone": "resnet18",

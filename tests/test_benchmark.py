@@ -32,7 +32,7 @@ def test_fastflow_runs_its_cnn_path_on_another_timm_backbone() -> None:
 
 def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:
     assert import_class("anomalib_dadf.Dadf").__name__ == "Dadf"
-    with pytest.raises(ValueError, match="Cannot import 'anomalib.models.NoSuchModel'"):
+    with pytest.raises(ValueError, match=r"Cannot import 'anomalib\.models\.NoSuchModel'"):
         import_class("anomalib.models.NoSuchModel")
 
 

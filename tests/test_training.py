@@ -63,7 +63,7 @@ def test_stages_train_exactly_their_own_parameters(mvtec_root: Path, tmp_path: P
         datamodule=datamodule(mvtec_root),
     )
     assert spy.stages == [Stage.RECONSTRUCTION, Stage.FLOW]
-    start, after_reconstruction, after_flow = spy.snapshots
+    start, after_reconstruction, _ = spy.snapshots
     model_parts = model.model
     # Stage 1: every Transformer parameter moved, nothing else did.
     assert changed(start["transformer"], model_parts.transformer) == set(start["transformer"])

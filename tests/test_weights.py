@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from anomalib_dadf.components import pretrained_features
 from anomalib_dadf.data import MVTec
 from anomalib_dadf.weights import CAT_CLASSES, classify_chelsea, install, map_state_dict, source_checkpoint
+
 from .test_training import tiny_dadf
 
 

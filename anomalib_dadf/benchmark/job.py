@@ -141,7 +141,7 @@ class DadfBenchmarkJob(Job):
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as executor:
                 row |= executor.submit(measure, self.spec).result()
-        except Exception as error:  # noqa: BLE001 - reported in the table, the grid goes on
+        except Exception as error:
             logger.exception("Benchmark job %s failed", row)
             row["error"] = "".join(traceback.format_exception_only(error)).strip()[-300:]
         logger.info("Benchmark result: %s", row)

@@ -6,9 +6,9 @@ import matplotlib as mpl
 import pandas as pd
 
 mpl.use("Agg")
-from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib import pyplot as plt
 
-from .job import METRICS  # noqa: E402
+from .job import METRICS
 
 COSTS = ["fit_s", "test_s", "ms_per_image", "peak_rss_mib", "trainable_params"]
 
@@ -25,7 +25,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 def _cell(row: pd.Series, column: str) -> str:
     value = row.get(column)
     if value is None or pd.isna(value):
-        return "–"
+        return "–"  # noqa: RUF001  (an en dash marks an empty cell in the Markdown tables)
     if column in METRICS:
         spread = row.get(f"{column}_std")
         return f"{value:.3f} ± {spread:.3f}" if row["seeds"] > 1 else f"{value:.3f}"

@@ -197,7 +197,7 @@ def pretrained_features(backbone: str, indices: Sequence[int], weights: str | Pa
             pretrained_cfg_overlay={"file": str(source)} if source else None,
         )
     # Network failures surface as errors of several libraries (httpx, huggingface_hub, OS), so all are caught.
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         msg = (
             f"Could not load the pretrained weights of backbone '{backbone}' ({type(error).__name__}: {error}). "
             "Online: check the connection to the Hugging Face hub. Offline: put timm's weights in the Hugging Face "
