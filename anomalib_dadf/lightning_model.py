@@ -25,20 +25,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from anomalib import LearningType
+from anomalib import LearningType, TaskType
 from anomalib.data import AnomalibDataModule, Batch, MVTecLOCO
+from anomalib.deploy import CompressionType
 from anomalib.metrics import AUPRO, AUROC, PRO, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
+from torch.nn.utils import get_total_norm
+from torchmetrics import Metric
 
+from .callbacks import UnreadableImages
+from .checkpoint_io import AtomicCheckpointIO
 from .components import pretrained_features
+from .deploy import keep_f32
 from .loss import FlowLoss, ReconstructionLoss
 from .metrics import SPRO, FieldAwareEvaluator
+from .post_processing import FalseAlarmPostProcessor
 from .torch_model import DadfModel
 
 if TYPE_CHECKING:
@@ -77,6 +86,10 @@ class Stage(str, Enum):
     FLOW = "flow"
 
 
+class TrainingDivergedError(RuntimeError):
+    """A loss or its gradients stopped being finite; raised before the optimizer takes the step."""
+
+
 class Dadf(AnomalibModule):
     """DADF: Dual-Attention Transformer and Discriminative Flow.
 
@@ -106,7 +119,10 @@ class Dadf(AnomalibModule):
         flow_weight_decay (float): Adam weight decay of stage 2. Defaults to ``1e-5``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for anomalib's default
             (resize to 256x256, ImageNet normalisation). Defaults to ``True``.
-        post_processor (PostProcessor | bool): Post-processor. Defaults to ``True``.
+        post_processor (PostProcessor | bool): Post-processor, or ``True`` for
+            :class:`~anomalib_dadf.post_processing.FalseAlarmPostProcessor`: anomalib's F1-adaptive
+            thresholds, or thresholds that flag 1 % of the normal validation images (and pixels) when the
+            validation set holds no anomalous image. Defaults to ``True``.
         evaluator (Evaluator | bool): Evaluator. Defaults to ``True``.
         visualizer (Visualizer | bool): Visualizer. Defaults to ``True``.
 
@@ -223,6 +239,15 @@ class Dadf(AnomalibModule):
         )
         self.model.feature_extractor.feature_extractor.load_state_dict(pretrained.state_dict())
 
+    @classmethod
+    def configure_post_processor(cls) -> PostProcessor:
+        """anomalib's post-processing, with thresholds at a false-positive rate when validation has no anomaly."""
+        return FalseAlarmPostProcessor()
+
+    def configure_callbacks(self) -> list[Callback]:
+        """anomalib's component callbacks, plus naming (and, when predicting, skipping) unreadable images."""
+        return [*super().configure_callbacks(), UnreadableImages()]
+
     @staticmethod
     def configure_evaluator() -> Evaluator:
         """Image AUROC and F1; with masks also pixel AUROC, F1, PRO and AUPRO; sPRO is added on MVTec LOCO.
@@ -247,15 +272,18 @@ class Dadf(AnomalibModule):
         return Stage.RECONSTRUCTION if self.current_epoch < self.reconstruction_epochs else Stage.FLOW
 
     def setup(self, stage: str) -> None:
-        """Add sPRO on MVTec LOCO data and let DDP accept the parameters of the stage that is not training.
+        """Add sPRO on MVTec LOCO data, write checkpoints atomically, let DDP accept the idle stage's parameters.
 
-        Each stage leaves the other stage's parameters without gradients. Freezing them through
-        ``requires_grad`` instead would hide the flows from DDP's gradient synchronisation for good
-        when training starts in stage 1, so DDP is told to expect unused parameters.
+        Lightning's default checkpoint writer is replaced by :class:`~anomalib_dadf.checkpoint_io.AtomicCheckpointIO`
+        (a user's own writer is kept). Each stage leaves the other stage's parameters without gradients.
+        Freezing them through ``requires_grad`` instead would hide the flows from DDP's gradient
+        synchronisation for good when training starts in stage 1, so DDP is told to expect unused parameters.
         """
         del stage
         self._add_spro_on_loco()
         strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
             logger.info("DADF trains its stages in turn: enabling DDP's find_unused_parameters.")
             strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001
@@ -292,10 +320,14 @@ class Dadf(AnomalibModule):
             with torch.no_grad():
                 local, global_ = self.model.reconstruct(priors)
             loss = self.loss(*self.model.discriminate(priors, local, global_))
-            self.flow_steps_trained += 1
+        self._stop_if_diverged("loss", loss)
         optimizer.zero_grad()
         self.manual_backward(loss)
+        gradients = [parameter.grad for group in optimizer.param_groups for parameter in group["params"]]
+        self._stop_if_diverged("gradient norm", get_total_norm([grad for grad in gradients if grad is not None]))
         optimizer.step()
+        if self.stage == Stage.FLOW:
+            self.flow_steps_trained += 1
         self.log(
             f"train_{self.stage.value}_loss",
             loss.detach(),
@@ -305,6 +337,26 @@ class Dadf(AnomalibModule):
             batch_size=batch.image.shape[0],
         )
         return {"loss": loss.detach()}
+
+    def _stop_if_diverged(self, what: str, value: torch.Tensor) -> None:
+        """Stop training at the first non-finite loss or gradient, before an optimizer step can use it.
+
+        Raises:
+            TrainingDivergedError: ``value`` is NaN or infinite; the message names stage, epoch, step and fixes.
+        """
+        if torch.isfinite(value).all():
+            return
+        if self.stage == Stage.RECONSTRUCTION:
+            fix = f"lower reconstruction_lr (now {self.reconstruction_lr:g})"
+        else:
+            fix = f"lower flow_lr (now {self.flow_lr:g}) or flow_clamp (now {self.hparams['flow_clamp']:g})"
+        msg = (
+            f"DADF's {self.stage.value} {what} became {value.item()} at epoch {self.current_epoch}, "
+            f"step {self.trainer.fit_loop.epoch_loop.batch_idx} of that epoch: training diverged and was stopped before "
+            f"the optimizer used it. Likely fix: {fix}. No checkpoint with these weights was written; "
+            "earlier checkpoints of this run are intact."
+        )
+        raise TrainingDivergedError(msg)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a validation batch; anomalib's post-processor learns thresholds from it."""
@@ -349,6 +401,37 @@ class Dadf(AnomalibModule):
         kwargs.setdefault("opset_version", 18)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: CompressionType | None = None,
+        datamodule: AnomalibDataModule | None = None,
+        metric: Metric | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
+        ov_kwargs: dict[str, Any] | None = None,
+        onnx_kwargs: dict[str, Any] | None = None,
+    ) -> Path:
+        """Export to OpenVINO like any anomalib model, marked to run at f32 on every CPU by default.
+
+        Loaded with default settings (anomalib's ``OpenVINOInferencer``, ``anomalib predict``, OpenVINO
+        itself), the export then scores what this model scores, also on CPUs where OpenVINO would
+        otherwise compute in bf16 (see :mod:`anomalib_dadf.deploy`). ``ov_kwargs={"keep_f32": False}``
+        (``--ov_kwargs '{"keep_f32": false}'`` on the command line) leaves the nodes unmarked, so such a
+        CPU runs it in bf16: faster, with the score error measured in ``benchmarks/``.
+        """
+        ov_kwargs = dict(ov_kwargs or {})
+        keep = ov_kwargs.pop("keep_f32", True)
+        path = super().to_openvino(
+            export_root, model_file_name, input_size, compression_type, datamodule, metric, task, max_drop,
+            ov_kwargs, onnx_kwargs,
+        )
+        if keep:
+            keep_f32(path)
+        return path
+
     @staticmethod
     def _post_training_quantization_ov(
         model: "ov.Model",
@@ -362,12 +445,15 @@ class Dadf(AnomalibModule):
         Transformers, which keeps those in float; ``benchmarks/int8_elpv.py`` compares the two.
 
         Raises:
-            ValueError: No data module to calibrate on.
+            ValueError: No data module to calibrate on (the message starts as anomalib's).
         """
         import nncf  # the optional `openvino` extra, as in anomalib
 
         if datamodule is None:
-            msg = "INT8_PTQ calibrates on training images: pass the data module (anomalib export ... --data ...)."
+            msg = (
+                "Datamodule must be provided for OpenVINO INT8_PTQ compression: DADF calibrates on its training "
+                "images (anomalib export ... --data ...)."
+            )
             raise ValueError(msg)
         datamodule.setup("fit")
         calibration = nncf.Dataset(datamodule.train_dataloader(), lambda batch: batch.image)
