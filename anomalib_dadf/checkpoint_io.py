@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from anomalib.engine.plugins import AnomalibCheckpointIO
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """:class:`~lightning.pytorch.plugins.io.TorchCheckpointIO` whose local writes are atomic.
+class AtomicCheckpointIO(AnomalibCheckpointIO):
+    """anomalib's checkpoint I/O plugin (Lightning's ``TorchCheckpointIO`` with anomalib's safe loading), writing atomically.
 
     Remote paths (``s3://`` and other fsspec URLs) are written by Lightning as before.
     """

@@ -28,6 +28,7 @@ import torch
 from anomalib import LearningType, TaskType
 from anomalib.data import AnomalibDataModule, Batch, MVTecLOCO
 from anomalib.deploy import CompressionType
+from anomalib.engine.plugins import AnomalibCheckpointIO
 from anomalib.metrics import AUPRO, AUROC, PRO, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -274,16 +275,19 @@ class Dadf(AnomalibModule):
     def setup(self, stage: str) -> None:
         """Add sPRO on MVTec LOCO data, write checkpoints atomically, let DDP accept the idle stage's parameters.
 
-        Lightning's default checkpoint writer is replaced by :class:`~anomalib_dadf.checkpoint_io.AtomicCheckpointIO`
-        (a user's own writer is kept). Each stage leaves the other stage's parameters without gradients.
-        Freezing them through ``requires_grad`` instead would hide the flows from DDP's gradient
-        synchronisation for good when training starts in stage 1, so DDP is told to expect unused parameters.
+        anomalib's (and Lightning's) default checkpoint writer is replaced by
+        :class:`~anomalib_dadf.checkpoint_io.AtomicCheckpointIO` (a user's own writer is kept).
+
+        Each stage leaves the other stage's parameters without gradients. Freezing them through
+        ``requires_grad`` instead would hide the flows from DDP's gradient synchronisation for good
+        when training starts in stage 1, so DDP is told to expect unused parameters.
         """
         del stage
         self._add_spro_on_loco()
         strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = AtomicCheckpointIO()
+        if type(strategy.checkpoint_io) in {TorchCheckpointIO, AnomalibCheckpointIO}:
+            safe_globals = getattr(strategy.checkpoint_io, "extra_safe_globals", None)
+            strategy.checkpoint_io = AtomicCheckpointIO(extra_safe_globals=safe_globals)
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
             logger.info("DADF trains its stages in turn: enabling DDP's find_unused_parameters.")
             strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001
