@@ -19,7 +19,7 @@ Paper:
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,10 +41,11 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn.utils import get_total_norm
 from torchmetrics import Metric
+from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .callbacks import UnreadableImages
 from .checkpoint_io import AtomicCheckpointIO
-from .components import pretrained_features
+from .components import FeatureCache, input_statistics, pretrained_features
 from .deploy import keep_f32
 from .loss import FlowLoss, ReconstructionLoss
 from .metrics import SPRO, FieldAwareEvaluator
@@ -95,7 +96,9 @@ class Dadf(AnomalibModule):
     """DADF: Dual-Attention Transformer and Discriminative Flow.
 
     Args:
-        backbone (str): timm CNN giving the frozen prior. Defaults to ``"wide_resnet50_2"``.
+        backbone (str): timm CNN giving the frozen prior, optionally with timm's pretrained tag. Defaults to
+            ``"wide_resnet50_2.tv_in1k"``: the paper's prior, torchvision's ImageNet weights (timm's untagged
+            ``wide_resnet50_2`` is another training recipe, ``racm_in1k``).
         layers (Sequence[str]): Three backbone layers, finest first.
             Defaults to ``("layer1", "layer2", "layer3")``.
         pre_trained (bool): Load the backbone's ImageNet weights. Defaults to ``True``.
@@ -118,8 +121,17 @@ class Dadf(AnomalibModule):
         reconstruction_lr (float): AdamW learning rate of stage 1. Defaults to ``1e-4``.
         flow_lr (float): Adam learning rate of stage 2. Defaults to ``1e-3``.
         flow_weight_decay (float): Adam weight decay of stage 2. Defaults to ``1e-5``.
-        pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for anomalib's default
-            (resize to 256x256, ImageNet normalisation). Defaults to ``True``.
+        flow_batch_size (int): Images per optimizer step of stage 2, reached by accumulating training
+            batches (the reference trains the flows at 16, the Transformer at 8). A multiple of the
+            training batch size gives exactly the update of one such batch. Defaults to ``16``.
+        cache_features (bool): Compute each training image's prior once per run (and, in stage 2, its
+            reconstructions) and train from the cache; skipped, with a log line, when the data module
+            augments training images. Defaults to ``True``.
+        cache_memory_gb (float): Memory the cache may use; beyond it the cache is memory-mapped from a
+            temporary file. Defaults to ``4.0``.
+        pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for anomalib's default resizing
+            (256x256) with the backbone's own input statistics (timm's ``pretrained_cfg``: ImageNet's
+            for most CNNs, 0.5 / 0.5 for ``tf_efficientnet_lite0``). Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor, or ``True`` for
             :class:`~anomalib_dadf.post_processing.FalseAlarmPostProcessor`: anomalib's F1-adaptive
             thresholds, or thresholds that flag 1 % of the normal validation images (and pixels) when the
@@ -134,7 +146,7 @@ class Dadf(AnomalibModule):
 
     def __init__(
         self,
-        backbone: str = "wide_resnet50_2",
+        backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
         pre_trained: bool = True,
         backbone_weights: str | None = None,
@@ -152,6 +164,9 @@ class Dadf(AnomalibModule):
         reconstruction_lr: float = 1e-4,
         flow_lr: float = 1e-3,
         flow_weight_decay: float = 1e-5,
+        flow_batch_size: int = 16,
+        cache_features: bool = True,
+        cache_memory_gb: float = 4.0,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -167,6 +182,11 @@ class Dadf(AnomalibModule):
             if epochs < 1:
                 msg = f"{name} must be at least 1, got {epochs}: DADF trains both stages, each for at least one epoch."
                 raise ValueError(msg)
+        if flow_batch_size < 1:
+            msg = f"flow_batch_size must be at least 1, got {flow_batch_size}."
+            raise ValueError(msg)
+        if pre_processor is True:
+            self.pre_processor = self.configure_pre_processor(backbone=backbone)
         if backbone_weights is not None and not pre_trained:
             msg = "backbone_weights is given but pre_trained is false: set pre_trained=True to load the weights file."
             raise ValueError(msg)
@@ -179,6 +199,9 @@ class Dadf(AnomalibModule):
         self.reconstruction_lr = reconstruction_lr
         self.flow_lr = flow_lr
         self.flow_weight_decay = flow_weight_decay
+        self.flow_batch_size = flow_batch_size
+        self._flow_images = 0
+        self._caches: dict[str, FeatureCache] = {}
         # Two stages with two optimizers of different kinds: Lightning needs manual optimization for that.
         self.automatic_optimization = False
 
@@ -239,6 +262,16 @@ class Dadf(AnomalibModule):
             self.hparams["backbone_weights"],
         )
         self.model.feature_extractor.feature_extractor.load_state_dict(pretrained.state_dict())
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "wide_resnet50_2.tv_in1k",
+    ) -> PreProcessor:
+        """anomalib's resizing (256x256 by default), normalised with the statistics ``backbone`` was trained with."""
+        mean, std = input_statistics(backbone)
+        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True), Normalize(mean, std)]))
 
     @classmethod
     def configure_post_processor(cls) -> PostProcessor:
@@ -315,23 +348,31 @@ class Dadf(AnomalibModule):
         """
         del args, kwargs
         reconstruction_optimizer, flow_optimizer = self.optimizers()
-        priors = self.model.extract_priors(batch.image)
+        images = batch.image.shape[0]
+        priors = self._cached("priors", batch, lambda: self.model.extract_priors(batch.image))
         if self.stage == Stage.RECONSTRUCTION:
-            optimizer = reconstruction_optimizer
             loss = self.reconstruction_loss(priors, *self.model.reconstruct(priors))
+            self._stop_if_diverged("loss", loss)
+            reconstruction_optimizer.zero_grad()
+            self.manual_backward(loss)
+            self._step(reconstruction_optimizer)
         else:
-            optimizer = flow_optimizer
-            with torch.no_grad():
-                local, global_ = self.model.reconstruct(priors)
-            loss = self.loss(*self.model.discriminate(priors, local, global_))
-        self._stop_if_diverged("loss", loss)
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        gradients = [parameter.grad for group in optimizer.param_groups for parameter in group["params"]]
-        self._stop_if_diverged("gradient norm", get_total_norm([grad for grad in gradients if grad is not None]))
-        optimizer.step()
-        if self.stage == Stage.FLOW:
-            self.flow_steps_trained += 1
+            views = self._cached("reconstructions", batch, lambda: self._reconstruct_without_gradients(priors))
+            loss = self.loss(*self.model.discriminate(priors, views[: len(priors)], views[len(priors) :]))
+            self._stop_if_diverged("loss", loss)
+            # Summed over images here and divided by their count at the step: the gradient of the mean over the
+            # accumulated images, exactly that of one batch of flow_batch_size when it is a multiple of this batch.
+            self.manual_backward(loss * images)
+            self._flow_images += images
+            if self._flow_images >= self.flow_batch_size or self.trainer.is_last_batch:
+                for group in flow_optimizer.param_groups:
+                    for parameter in group["params"]:
+                        if parameter.grad is not None:
+                            parameter.grad.div_(self._flow_images)
+                self._step(flow_optimizer)
+                flow_optimizer.zero_grad()
+                self._flow_images = 0
+                self.flow_steps_trained += 1
         self.log(
             f"train_{self.stage.value}_loss",
             loss.detach(),
@@ -341,6 +382,56 @@ class Dadf(AnomalibModule):
             batch_size=batch.image.shape[0],
         )
         return {"loss": loss.detach()}
+
+    def _reconstruct_without_gradients(self, priors: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            local, global_ = self.model.reconstruct(priors)
+        return [*local, *global_]
+
+    def _step(self, optimizer: optim.Optimizer) -> None:
+        """Take the optimizer's step unless a gradient stopped being finite."""
+        gradients = [parameter.grad for group in optimizer.param_groups for parameter in group["params"]]
+        self._stop_if_diverged("gradient norm", get_total_norm([grad for grad in gradients if grad is not None]))
+        optimizer.step()
+
+    def on_train_epoch_start(self) -> None:
+        """Start every flow epoch with no accumulated gradient."""
+        self._flow_images = 0
+        self.optimizers()[1].zero_grad()
+
+    def on_train_start(self) -> None:
+        """Prepare the feature cache, unless it is off or training images are augmented."""
+        self._close_caches()
+        if not self.hparams["cache_features"]:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or getattr(datamodule, "train_augmentations", None) is not None:
+            reason = "no data module to tell" if datamodule is None else "the data module augments training images"
+            logger.info("DADF's feature cache is off: %s, so a training image's prior may differ between epochs.", reason)
+            return
+        self._caches = {
+            "priors": FeatureCache(len(self.trainer.train_dataloader.dataset), int(self.hparams["cache_memory_gb"] * 1e9)),
+        }
+
+    def _cached(self, kind: str, batch: Batch, compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """``compute()``, or what it gave for these images earlier in this run when the cache is on."""
+        if not self._caches or batch.image_path is None:
+            return list(compute())
+        if kind not in self._caches:
+            # Reconstructions are fixed from stage 2 on: the Transformer no longer trains.
+            priors = self._caches["priors"]
+            left = max(0, priors.budget_bytes - priors.memory_bytes)
+            self._caches[kind] = FeatureCache(priors.capacity, left)
+        return self._caches[kind].get(list(batch.image_path), compute, self.device)
+
+    def _close_caches(self) -> None:
+        for cache in self._caches.values():
+            cache.close()
+        self._caches = {}
+
+    def on_train_end(self) -> None:
+        """Free the feature cache."""
+        self._close_caches()
 
     def _stop_if_diverged(self, what: str, value: torch.Tensor) -> None:
         """Stop training at the first non-finite loss or gradient, before an optimizer step can use it.
@@ -424,10 +515,12 @@ class Dadf(AnomalibModule):
         itself), the export then scores what this model scores, also on CPUs where OpenVINO would
         otherwise compute in bf16 (see :mod:`anomalib_dadf.deploy`). ``ov_kwargs={"keep_f32": False}``
         (``--ov_kwargs '{"keep_f32": false}'`` on the command line) leaves the nodes unmarked, so such a
-        CPU runs it in bf16: faster, with the score error measured in ``benchmarks/``.
+        CPU runs it in bf16: faster, with the score error measured in ``benchmarks/``. Exports with quantised
+        activations (``INT8_PTQ``, ``INT8_ACQ``) are left as NNCF made them.
         """
         ov_kwargs = dict(ov_kwargs or {})
-        keep = ov_kwargs.pop("keep_f32", True)
+        # Quantised activations (INT8_PTQ, INT8_ACQ): NNCF chose each node's precision; the marking is left out.
+        keep = ov_kwargs.pop("keep_f32", True) and compression_type in {None, CompressionType.FP16, CompressionType.INT8}
         path = super().to_openvino(
             export_root, model_file_name, input_size, compression_type, datamodule, metric, task, max_drop,
             ov_kwargs, onnx_kwargs,

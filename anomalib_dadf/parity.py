@@ -2,8 +2,10 @@
 
 Both run exactly as in deployment: images read by anomalib's ``read_image``, prepared by
 ``OpenVINOInferencer.pre_process`` and passed one at a time through the whole model (pre-processing,
-network, post-processing). OpenVINO is pinned to f32 unless told otherwise, because it runs FP32
-models in bf16 on CPUs that support it, which changes the scores visibly.
+network, post-processing). The export is loaded as a user loads it, with OpenVINO's default
+settings: DADF's exports carry their own f32 marking (:mod:`anomalib_dadf.deploy`), so they score at
+f32 also on CPUs where OpenVINO would otherwise compute in bf16. ``F32`` pins the precision of an
+export without that marking (another model's, or one made with ``keep_f32: false``).
 
 Example:
     >>> from anomalib_dadf import Dadf
@@ -47,8 +49,8 @@ def lightning_predictions(model: AnomalibModule, images: Sequence[Path]) -> Pred
 
 
 def exported_predictions(model_path: Path | str, images: Sequence[Path], config: dict | None = None) -> Predictions:
-    """The same through anomalib's ``OpenVINOInferencer`` (OpenVINO IR or ONNX), f32 by default."""
-    inferencer = OpenVINOInferencer(model_path, device="CPU", config=F32 if config is None else config)
+    """The same through anomalib's ``OpenVINOInferencer`` (OpenVINO IR or ONNX), with its default settings unless ``config``."""
+    inferencer = OpenVINOInferencer(model_path, device="CPU", config=config)
     return _stack([inferencer.predict(path) for path in images])
 
 

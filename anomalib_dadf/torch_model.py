@@ -49,7 +49,7 @@ class DadfModel(nn.Module):
     def __init__(
         self,
         input_size: Sequence[int],
-        backbone: str = "wide_resnet50_2",
+        backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
         pre_trained: bool = True,
         embed_dim: int = 480,

@@ -30,12 +30,12 @@ from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import seed_everything
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_dadf.components import input_statistics
 from anomalib_dadf.metrics import SPRO, FieldAwareEvaluator
 
 logger = logging.getLogger(__name__)
 
 METRICS = ["image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_AUPRO", "pixel_SPRO"]
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 
 def import_class(class_path: str) -> type:
@@ -74,7 +74,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if not issubclass(model_class, AnomalibModule):
         msg = f"{spec['model']['class_path']} is not an anomalib model (AnomalibModule)."
         raise TypeError(msg)
-    pre_processor = PreProcessor(transform=Compose([Resize(spec["input_size"], antialias=True), Normalize(**IMAGENET)]))
+    # Every model on the same prior gets that prior's own input statistics (ImageNet's for a model without a backbone).
+    mean, std = input_statistics(spec["model"].get("init_args", {}).get("backbone", "resnet18"))
+    pre_processor = PreProcessor(transform=Compose([Resize(spec["input_size"], antialias=True), Normalize(mean, std)]))
     model = model_class(
         **spec["model"].get("init_args", {}),
         pre_processor=pre_processor,

@@ -1,6 +1,7 @@
-"""Building blocks of DADF: the prior's description, the dual-attention Transformer and the flows."""
+"""Building blocks of DADF: the prior's description, the dual-attention Transformer, the flows, the feature cache."""
 
-from .backbone import PriorScales, describe_prior, pretrained_features
+from .backbone import PriorScales, describe_prior, input_statistics, pretrained_features
+from .cache import FeatureCache
 from .flow import DiscriminativeFlow
 from .transformer import DualAttention, DualAttentionBlock, DualAttentionTransformer
 
@@ -9,7 +10,9 @@ __all__ = [
     "DualAttention",
     "DualAttentionBlock",
     "DualAttentionTransformer",
+    "FeatureCache",
     "PriorScales",
     "describe_prior",
+    "input_statistics",
     "pretrained_features",
 ]

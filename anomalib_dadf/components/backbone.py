@@ -124,6 +124,26 @@ def describe_prior(backbone: str, layers: Sequence[str]) -> PriorScales:
     return PriorScales(indices=indices, channels=channels, strides=strides)
 
 
+IMAGENET_STATISTICS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def input_statistics(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and standard deviation the backbone's pretrained weights were trained with (timm's ``pretrained_cfg``).
+
+    ImageNet's statistics for most CNNs; ``tf_efficientnet_lite0`` and other TensorFlow ports use 0.5 and 0.5.
+    A name timm does not know, or a configuration without statistics, gets ImageNet's.
+
+    Example:
+        >>> input_statistics("tf_efficientnet_lite0")
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    """
+    config = timm.models.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
+    mean, std = getattr(config, "mean", None), getattr(config, "std", None)
+    if mean is None or std is None:
+        return IMAGENET_STATISTICS
+    return tuple(mean), tuple(std)
+
+
 def cached_weights(backbone: str) -> Path | None:
     """The backbone's timm weights file if it is already in the Hugging Face cache, else ``None``.
 

@@ -67,6 +67,18 @@ class DualAttentionBlock(Block):
         return tokens, memory
 
 
+def _xavier_init(module: nn.Module) -> None:
+    """The reference implementation's initialisation: xavier-uniform weights and zero biases.
+
+    It covers every linear layer and the patch embeddings' convolutions (as matrices of
+    ``out x (in * k * k)``, like a linear layer on flattened patches); norms keep PyTorch's ones and zeros.
+    """
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 class DualAttentionTransformer(nn.Module):
     """Reconstructs multi-scale prior features locally and globally on a common token grid.
 
@@ -118,6 +130,7 @@ class DualAttentionTransformer(nn.Module):
         self.heads = nn.ModuleList(
             nn.Linear(width, patch * patch * channel) for channel, patch in zip(channels, patch_sizes, strict=True)
         )
+        self.apply(_xavier_init)
 
     def forward(self, priors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Reconstruct every prior scale twice.

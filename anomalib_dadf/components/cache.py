@@ -1,0 +1,113 @@
+"""Per-image tensors computed once per run and reused every later epoch.
+
+DADF's prior comes from a frozen backbone, and without training augmentations each image's prior is
+the same in every epoch; in stage 2 the Transformer is frozen too, so the flows' whole input
+(prior, local and global reconstruction) is fixed per image. :class:`FeatureCache` keeps such
+tensors, keyed by image path, in memory while they fit a byte budget and in a memory-mapped file on
+disk beyond it.
+
+Example:
+    >>> import torch
+    >>> from anomalib_dadf.components.cache import FeatureCache
+    >>> cache = FeatureCache(capacity=4, budget_bytes=2**20)
+    >>> calls = []
+    >>> compute = lambda: calls.append(1) or [torch.ones(2, 3)]
+    >>> first = cache.get(["a.png", "b.png"], compute)
+    >>> again = cache.get(["b.png", "a.png"], compute)
+    >>> len(calls), torch.equal(first[0], again[0])
+    (1, True)
+"""
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class FeatureCache:
+    """A fixed number of rows of per-image tensors, filled on first use.
+
+    Args:
+        capacity: Most images the cache will hold (the training set's size).
+        budget_bytes: Largest size kept in memory; a larger cache is memory-mapped from a temporary file.
+        directory: Where a memory-mapped cache's file goes (the system's temporary folder by default).
+    """
+
+    def __init__(self, capacity: int, budget_bytes: int, directory: str | Path | None = None) -> None:
+        self.capacity = capacity
+        self.budget_bytes = budget_bytes
+        self.directory = directory
+        self._rows: dict[str, int] = {}
+        self._storage: list[torch.Tensor] | None = None
+        self._scratch: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the cache is memory-mapped from a file (decided when the first batch arrives)."""
+        return self._scratch is not None
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes the cache holds in memory (none while unallocated or memory-mapped)."""
+        if self._storage is None or self.on_disk:
+            return 0
+        return sum(stored.numel() * stored.element_size() for stored in self._storage)
+
+    def _allocate(self, example: Sequence[torch.Tensor]) -> None:
+        shapes = [(self.capacity, *tensor.shape[1:]) for tensor in example]
+        total = sum(torch.Size(shape).numel() for shape in shapes) * 4
+        if total <= self.budget_bytes:
+            self._storage = [torch.empty(shape) for shape in shapes]
+            return
+        self._scratch = tempfile.TemporaryDirectory(prefix="dadf-cache-", dir=self.directory)
+        self._storage = []
+        for index, shape in enumerate(shapes):
+            path = Path(self._scratch.name) / f"{index}.f32"
+            flat = torch.from_file(str(path), shared=True, size=torch.Size(shape).numel(), dtype=torch.float32)
+            self._storage.append(flat.view(shape))
+        logger.info(
+            "Feature cache of %.1f GB exceeds its memory budget of %.1f GB: memory-mapped from %s.",
+            total / 1e9, self.budget_bytes / 1e9, self._scratch.name,
+        )
+
+    def get(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[], Sequence[torch.Tensor]],
+        device: torch.device | str = "cpu",
+    ) -> list[torch.Tensor]:
+        """The batch's tensors: from the cache when every key is there, else computed and stored.
+
+        Args:
+            keys: One key per image of the batch (its path).
+            compute: Computes the batch's tensors, each ``(len(keys), ...)``, when some key is missing.
+            device: Where cached tensors are returned (the cache holds f32 CPU copies).
+
+        Returns:
+            list[torch.Tensor]: The batch's tensors.
+        """
+        if self._storage is not None and all(key in self._rows for key in keys):
+            rows = torch.tensor([self._rows[key] for key in keys])
+            return [stored[rows].to(device) for stored in self._storage]
+        values = [tensor.detach() for tensor in compute()]
+        if self._storage is None:
+            self._allocate(values)
+        for position, key in enumerate(keys):
+            if key not in self._rows and len(self._rows) < self.capacity:
+                self._rows[key] = len(self._rows)
+            if key in self._rows:
+                for stored, value in zip(self._storage, values, strict=True):
+                    stored[self._rows[key]] = value[position].float().cpu()
+        return values
+
+    def close(self) -> None:
+        """Free the cache (and delete a memory-mapped file)."""
+        self._storage = None
+        self._rows.clear()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
