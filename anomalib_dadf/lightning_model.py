@@ -513,19 +513,15 @@ class Dadf(AnomalibModule):
 
         Loaded with default settings (anomalib's ``OpenVINOInferencer``, ``anomalib predict``, OpenVINO
         itself), the export then scores what this model scores, also on CPUs where OpenVINO would
-        otherwise compute in bf16 (see :mod:`anomalib_dadf.deploy`). ``ov_kwargs={"keep_f32": False}``
-        (``--ov_kwargs '{"keep_f32": false}'`` on the command line) leaves the nodes unmarked, so such a
-        CPU runs it in bf16: faster, with the score error measured in ``benchmarks/``. Exports with quantised
-        activations (``INT8_PTQ``, ``INT8_ACQ``) are left as NNCF made them.
+        otherwise compute in bf16 (see :mod:`anomalib_dadf.deploy`; ``python -m anomalib_dadf.deploy
+        --allow-bf16 model.xml`` lets such a CPU run it in bf16). Exports with quantised activations
+        (``INT8_PTQ``, ``INT8_ACQ``) are left as NNCF made them: NNCF chose each node's precision.
         """
-        ov_kwargs = dict(ov_kwargs or {})
-        # Quantised activations (INT8_PTQ, INT8_ACQ): NNCF chose each node's precision; the marking is left out.
-        keep = ov_kwargs.pop("keep_f32", True) and compression_type in {None, CompressionType.FP16, CompressionType.INT8}
         path = super().to_openvino(
             export_root, model_file_name, input_size, compression_type, datamodule, metric, task, max_drop,
             ov_kwargs, onnx_kwargs,
         )
-        if keep:
+        if compression_type in {None, CompressionType.FP16, CompressionType.INT8}:
             keep_f32(path)
         return path
 

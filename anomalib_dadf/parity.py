@@ -5,7 +5,7 @@ Both run exactly as in deployment: images read by anomalib's ``read_image``, pre
 network, post-processing). The export is loaded as a user loads it, with OpenVINO's default
 settings: DADF's exports carry their own f32 marking (:mod:`anomalib_dadf.deploy`), so they score at
 f32 also on CPUs where OpenVINO would otherwise compute in bf16. ``F32`` pins the precision of an
-export without that marking (another model's, or one made with ``keep_f32: false``).
+export without that marking (another model's, or one after ``python -m anomalib_dadf.deploy --allow-bf16``).
 
 Example:
     >>> from anomalib_dadf import Dadf

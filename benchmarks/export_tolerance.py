@@ -3,8 +3,8 @@
 Trains the test suite's tiny DADF on its toy data once per seed (exactly the setting of
 ``tests/test_export.py``), exports it as FP32, FP16, INT8 (weights) and INT8_PTQ, and compares every
 export, loaded with OpenVINO's default settings as a user loads it, with the Lightning model on the
-test images (``anomalib_dadf.parity``). FP32 is also exported without DADF's f32 marking
-(``keep_f32: false``) and run at the CPU's default precision (bf16 where the CPU has it) and pinned
+test images (``anomalib_dadf.parity``). FP32 is also run without DADF's f32 marking
+(``anomalib_dadf.deploy.allow_bf16``), both at the CPU's default precision (bf16 where the CPU has it) and pinned
 to f32. The worst case over seeds is what the test suite's tolerances are set from; INT8 kernels
 differ between CPUs, so the CPU's instruction sets are written beside the table.
 
@@ -27,17 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anomalib_dadf import Dadf
 from anomalib_dadf.data import MVTec
 from anomalib_dadf.data.synthetic import make_mvtec
+from anomalib_dadf.deploy import allow_bf16
 from anomalib_dadf.parity import F32, compare, exported_predictions, lightning_predictions
 from tests.conftest import TINY_MODEL, small_pre_processor
 
-# name: (compression, export's ov_kwargs, inferencer config)
+# name: (compression, f32 marking kept, inferencer config)
 VARIANTS = {
-    "FP32": (None, None, None),
-    "FP32 unmarked, CPU default precision": (None, {"keep_f32": False}, None),
-    "FP32 unmarked, pinned to f32": (None, {"keep_f32": False}, F32),
-    "FP16": (CompressionType.FP16, None, None),
-    "INT8 (weights)": (CompressionType.INT8, None, None),
-    "INT8_PTQ": (CompressionType.INT8_PTQ, None, None),
+    "FP32": (None, True, None),
+    "FP32 unmarked, CPU default precision": (None, False, None),
+    "FP32 unmarked, pinned to f32": (None, False, F32),
+    "FP16": (CompressionType.FP16, True, None),
+    "INT8 (weights)": (CompressionType.INT8, True, None),
+    "INT8_PTQ": (CompressionType.INT8_PTQ, True, None),
 }
 
 
@@ -53,11 +54,13 @@ def measure(seed: int, work: Path) -> dict[str, dict[str, float]]:
     images = sorted((root / "widget" / "test").rglob("*.png"))
     expected = lightning_predictions(model, images)
     results = {}
-    for index, (name, (compression, ov_kwargs, config)) in enumerate(VARIANTS.items()):
+    for index, (name, (compression, marked, config)) in enumerate(VARIANTS.items()):
         exported = Engine(default_root_dir=work).export(
             model=model, export_type=ExportType.OPENVINO, export_root=work / f"export{index}",
-            compression_type=compression, datamodule=datamodule, ov_kwargs=ov_kwargs,
+            compression_type=compression, datamodule=datamodule,
         )
+        if not marked:
+            allow_bf16(exported)
         results[name] = compare(expected, exported_predictions(exported, images, config))
     return results
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from anomalib_dadf import Dadf
 from anomalib_dadf.data import MVTec
+from anomalib_dadf.deploy import main as deploy_main
 from anomalib_dadf.deploy import runs_at_f32
 from anomalib_dadf.parity import compare, exported_predictions, lightning_predictions
 
@@ -87,12 +88,17 @@ def test_exported_model_matches_the_lightning_model(trained, export_type: Export
         assert runs_at_f32(exported)
 
 
-def test_openvino_export_can_leave_bf16_to_the_cpu(trained) -> None:
-    exported = trained.model.to_openvino(trained.work / "bf16", ov_kwargs={"keep_f32": False})
+def test_bf16_is_one_command_away_and_scores_stay_finite(trained, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(trained.work)
+    exported = trained.model.to_openvino(trained.work / "bf16")
+    assert "DisablePrecisionConversion" in exported.read_text()
+    deploy_main(["--allow-bf16", str(exported)])
+    assert "follows the CPU's precision" in capsys.readouterr().out
     assert not runs_at_f32(exported)
-    xml = exported.read_text()
-    assert "DisablePrecisionConversion" not in xml
-    assert "DisablePrecisionConversion" in trained.model.to_openvino(trained.work / "f32").read_text()
+    assert "DisablePrecisionConversion" not in exported.read_text()
+    assert np.isfinite(exported_predictions(exported, trained.images)["pred_score"]).all()
+    deploy_main(["--keep-f32", str(exported)])
+    assert runs_at_f32(exported)
 
 
 @pytest.mark.parametrize("compression", list(COMPRESSED_MIN_PEARSON), ids=lambda c: c.value)

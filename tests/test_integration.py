@@ -153,7 +153,8 @@ from tests.conftest import TINY_MODEL, small_pre_processor
 root, out, devices = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 strategy = DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto"
 engine = Engine(default_root_dir=out, accelerator="cpu", devices=devices, strategy=strategy)
-model = Dadf(**TINY_MODEL, reconstruction_epochs=2, flow_epochs=1, pre_processor=small_pre_processor())
+# flow_batch_size counts images per process and step, like the training batch; 2 steps the flows every batch.
+model = Dadf(**TINY_MODEL, reconstruction_epochs=2, flow_epochs=1, flow_batch_size=2, pre_processor=small_pre_processor())
 datamodule = MVTec(root=root, category="widget", train_batch_size=2, eval_batch_size=4, num_workers=0)
 engine.fit(model=model, datamodule=datamodule)
 if engine.trainer.is_global_zero:

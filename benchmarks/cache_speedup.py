@@ -1,0 +1,97 @@
+"""What the feature cache saves: fit time of the quickstart configuration with and without it.
+
+Fits the quickstart's model and data (``configs/quickstart.yaml``: the lite DADF on ELPV mono,
+EfficientNet-Lite0 prior, 256x256, 5 + 15 epochs, batch 16) with ``cache_features`` on and off,
+``--rounds`` times each, interleaved (on, off, on, off, ...), every fit in a fresh process so that its
+peak memory is its own. Reports median fit seconds, their ratio, peak resident memory and the final
+loss of each stage (identical with and without the cache, for the same seed, up to float rounding).
+
+    HF_HUB_OFFLINE=1 python benchmarks/cache_speedup.py --rounds 3   # writes benchmarks/results/cache_speedup.md
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fit(cache: bool) -> dict[str, float]:
+    """One fit of the quickstart configuration (no test), in this process."""
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    sys.path.insert(0, str(REPO))
+    from anomalib_dadf import Dadf
+    from anomalib_dadf.data import ELPV
+
+    config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    seed_everything(config["seed_everything"])
+    model = Dadf(**config["model"]["init_args"], cache_features=cache, visualizer=False)
+    datamodule = ELPV(**config["data"]["init_args"])
+    with tempfile.TemporaryDirectory() as scratch:
+        engine = Engine(default_root_dir=scratch, accelerator="cpu", devices=1, logger=False)
+        start = time.perf_counter()
+        engine.fit(model=model, datamodule=datamodule)
+        seconds = time.perf_counter() - start
+    losses = {name: float(value) for name, value in engine.trainer.callback_metrics.items() if name.endswith("_epoch")}
+    return {"seconds": seconds, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **losses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cache_speedup.md")
+    parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.child:
+        print(json.dumps(fit(arguments.child == "on")))
+        return
+
+    runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    for _ in range(arguments.rounds):
+        for setting in runs:
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", setting],
+                capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+            runs[setting].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(setting, runs[setting][-1], flush=True)
+
+    median = {setting: statistics.median(run["seconds"] for run in results) for setting, results in runs.items()}
+    loss_names = sorted(name for name in runs["on"][0] if name.endswith("_epoch"))
+    lines = [
+        f"# Feature cache (`python benchmarks/cache_speedup.py --rounds {arguments.rounds}`)",
+        "",
+        "Fit of `configs/quickstart.yaml` (lite DADF, ELPV mono, 318 training cells, 256x256, 5 + 15 epochs, batch 16),",
+        (
+            f"{arguments.rounds} rounds interleaved, each fit in a fresh process; {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, nothing else running. Losses: the last epoch's mean of each stage."
+        ),
+        "",
+        "| cache | fit s (median) | fit s (all) | peak MiB (max) | " + " | ".join(loss_names) + " |",
+        "|---|---|---|---|" + "---|" * len(loss_names),
+    ]
+    for setting, results in runs.items():
+        seconds = ", ".join(f"{run['seconds']:.0f}" for run in results)
+        peak = max(run["peak_mib"] for run in results)
+        losses = " | ".join(f"{results[0][name]:.6g}" for name in loss_names)
+        lines.append(f"| {setting} | {median[setting]:.0f} | {seconds} | {peak:.0f} | {losses} |")
+    lines += ["", f"Speed-up (median off / median on): **{median['off'] / median['on']:.2f}x**."]
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    arguments.output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
