@@ -21,13 +21,11 @@ Paper:
 import logging
 from collections.abc import Callable, Sequence
 from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from anomalib import LearningType, TaskType
-from anomalib.data import AnomalibDataModule, Batch, MVTecLOCO
-from anomalib.deploy import CompressionType
+from anomalib import LearningType
+from anomalib.data import Batch, MVTecLOCO
 from anomalib.engine.plugins import AnomalibCheckpointIO
 from anomalib.metrics import AUPRO, AUROC, PRO, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
@@ -40,25 +38,18 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn.utils import get_total_norm
-from torchmetrics import Metric
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .callbacks import UnreadableImages
 from .checkpoint_io import AtomicCheckpointIO
-from .components import FeatureCache, input_statistics, pretrained_features
-from .deploy import keep_f32
+from .components import RunCache, input_statistics, pretrained_features
+from .export_mixin import DadfExportMixin
 from .loss import FlowLoss, ReconstructionLoss
 from .metrics import SPRO, FieldAwareEvaluator
 from .post_processing import FalseAlarmPostProcessor
 from .torch_model import DadfModel
 
-if TYPE_CHECKING:
-    import openvino as ov
-
 logger = logging.getLogger(__name__)
-
-# NNCF's subset_size counts batches; anomalib asks for at least 300 calibration images.
-CALIBRATION_IMAGES = 300
 
 # Arguments that shape the network, and so must match a checkpoint's weights.
 ARCHITECTURE = (
@@ -92,7 +83,7 @@ class TrainingDivergedError(RuntimeError):
     """A loss or its gradients stopped being finite; raised before the optimizer takes the step."""
 
 
-class Dadf(AnomalibModule):
+class Dadf(DadfExportMixin, AnomalibModule):
     """DADF: Dual-Attention Transformer and Discriminative Flow.
 
     Args:
@@ -201,7 +192,7 @@ class Dadf(AnomalibModule):
         self.flow_weight_decay = flow_weight_decay
         self.flow_batch_size = flow_batch_size
         self._flow_images = 0
-        self._caches: dict[str, FeatureCache] = {}
+        self._cache: RunCache | None = None
         # Two stages with two optimizers of different kinds: Lightning needs manual optimization for that.
         self.automatic_optimization = False
 
@@ -401,7 +392,7 @@ class Dadf(AnomalibModule):
 
     def on_train_start(self) -> None:
         """Prepare the feature cache, unless it is off or training images are augmented."""
-        self._close_caches()
+        self.on_train_end()
         if not self.hparams["cache_features"]:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -409,29 +400,22 @@ class Dadf(AnomalibModule):
             reason = "no data module to tell" if datamodule is None else "the data module augments training images"
             logger.info("DADF's feature cache is off: %s, so a training image's prior may differ between epochs.", reason)
             return
-        self._caches = {
-            "priors": FeatureCache(len(self.trainer.train_dataloader.dataset), int(self.hparams["cache_memory_gb"] * 1e9)),
-        }
+        self._cache = RunCache(len(self.trainer.train_dataloader.dataset), int(self.hparams["cache_memory_gb"] * 1e9))
 
     def _cached(self, kind: str, batch: Batch, compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
-        """``compute()``, or what it gave for these images earlier in this run when the cache is on."""
-        if not self._caches or batch.image_path is None:
-            return list(compute())
-        if kind not in self._caches:
-            # Reconstructions are fixed from stage 2 on: the Transformer no longer trains.
-            priors = self._caches["priors"]
-            left = max(0, priors.budget_bytes - priors.memory_bytes)
-            self._caches[kind] = FeatureCache(priors.capacity, left)
-        return self._caches[kind].get(list(batch.image_path), compute, self.device)
+        """``compute()``, or what it gave for these images earlier in this run when the cache is on.
 
-    def _close_caches(self) -> None:
-        for cache in self._caches.values():
-            cache.close()
-        self._caches = {}
+        Priors are fixed for the whole run (frozen backbone, no augmentation); reconstructions from stage 2 on.
+        """
+        if self._cache is None or batch.image_path is None:
+            return list(compute())
+        return self._cache.get(kind, list(batch.image_path), compute, self.device)
 
     def on_train_end(self) -> None:
         """Free the feature cache."""
-        self._close_caches()
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
 
     def _stop_if_diverged(self, what: str, value: torch.Tensor) -> None:
         """Stop training at the first non-finite loss or gradient, before an optimizer step can use it.
@@ -464,98 +448,6 @@ class Dadf(AnomalibModule):
             optim.AdamW(self.model.transformer.parameters(), lr=self.reconstruction_lr, betas=(0.9, 0.95)),
             optim.Adam(self.model.flows.parameters(), lr=self.flow_lr, weight_decay=self.flow_weight_decay),
         ]
-
-    def _refuse_untrained_export(self) -> None:
-        if int(self.flow_steps_trained) == 0:
-            msg = (
-                "This DADF model's flows were never trained (a checkpoint from stage 1, reconstruction, or an "
-                "untrained model), so its scores mean nothing. Export a checkpoint saved after at least one flow "
-                f"epoch: train for all reconstruction_epochs + flow_epochs ({self.reconstruction_epochs} + "
-                f"{self.flow_epochs})."
-            )
-            raise RuntimeError(msg)
-
-    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
-        """Export to Torch like any anomalib model, refusing a model whose flows never trained."""
-        self._refuse_untrained_export()
-        return super().to_torch(export_root, model_file_name)
-
-    def to_onnx(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        **kwargs,
-    ) -> Path:
-        """Export to ONNX (and through it to OpenVINO), by default at opset 18.
-
-        torch's ONNX exporter writes opset 18 natively; anomalib's default of 14 makes it run the ONNX
-        version converter, which prints a traceback for a model it then exports correctly.
-        """
-        self._refuse_untrained_export()
-        kwargs.setdefault("opset_version", 18)
-        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
-
-    def to_openvino(
-        self,
-        export_root: Path | str,
-        model_file_name: str = "model",
-        input_size: tuple[int, int] | None = None,
-        compression_type: CompressionType | None = None,
-        datamodule: AnomalibDataModule | None = None,
-        metric: Metric | None = None,
-        task: TaskType | None = None,
-        max_drop: float = 0.01,
-        ov_kwargs: dict[str, Any] | None = None,
-        onnx_kwargs: dict[str, Any] | None = None,
-    ) -> Path:
-        """Export to OpenVINO like any anomalib model, marked to run at f32 on every CPU by default.
-
-        Loaded with default settings (anomalib's ``OpenVINOInferencer``, ``anomalib predict``, OpenVINO
-        itself), the export then scores what this model scores, also on CPUs where OpenVINO would
-        otherwise compute in bf16 (see :mod:`anomalib_dadf.deploy`; ``python -m anomalib_dadf.deploy
-        --allow-bf16 model.xml`` lets such a CPU run it in bf16). Exports with quantised activations
-        (``INT8_PTQ``, ``INT8_ACQ``) are left as NNCF made them: NNCF chose each node's precision.
-        """
-        path = super().to_openvino(
-            export_root, model_file_name, input_size, compression_type, datamodule, metric, task, max_drop,
-            ov_kwargs, onnx_kwargs,
-        )
-        if compression_type in {None, CompressionType.FP16, CompressionType.INT8}:
-            keep_f32(path)
-        return path
-
-    @staticmethod
-    def _post_training_quantization_ov(
-        model: "ov.Model",
-        datamodule: AnomalibDataModule | None = None,
-    ) -> "ov.Model":
-        """INT8 post-training quantization with NNCF's Transformer scheme, calibrated on training images.
-
-        anomalib's default calibrates on the validation split, which may hold anomalies, with NNCF's
-        default scheme, which quantizes the attention blocks' LayerNorms, softmax inputs and residual
-        sums like a CNN's. This uses up to 300 normal training images and NNCF's scheme for
-        Transformers, which keeps those in float; ``benchmarks/int8_elpv.py`` compares the two.
-
-        Raises:
-            ValueError: No data module to calibrate on (the message starts as anomalib's).
-        """
-        import nncf  # the optional `openvino` extra, as in anomalib
-
-        if datamodule is None:
-            msg = (
-                "Datamodule must be provided for OpenVINO INT8_PTQ compression: DADF calibrates on its training "
-                "images (anomalib export ... --data ...)."
-            )
-            raise ValueError(msg)
-        datamodule.setup("fit")
-        calibration = nncf.Dataset(datamodule.train_dataloader(), lambda batch: batch.image)
-        return nncf.quantize(
-            model,
-            calibration,
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=max(1, CALIBRATION_IMAGES // datamodule.train_batch_size),
-        )
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

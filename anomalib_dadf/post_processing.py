@@ -58,6 +58,7 @@ class FalseAlarmPostProcessor(PostProcessor):
             false_positive_rate=false_positive_rate, fields=["anomaly_map", "gt_label"], strict=False,
         )
         self._anomalous_seen = False
+        self._announced = False
 
     @property
     def _checkpoint_config_keys(self) -> tuple[str, ...]:
@@ -73,14 +74,15 @@ class FalseAlarmPostProcessor(PostProcessor):
     ) -> None:
         """Feed anomalib's metrics and the false-positive-rate thresholds."""
         super().on_validation_batch_end(trainer, pl_module, outputs, *args, **kwargs)
-        if self.enable_thresholding:
+        if self.enable_thresholding and self.threshold != "f1":
             self._image_rate_metric.update(outputs)
             self._pixel_rate_metric.update(outputs)
             labels = getattr(outputs, "gt_label", None)
             self._anomalous_seen |= labels is not None and bool((labels != 0).any())
 
     def _uses_false_positive_rate(self) -> bool:
-        if self.threshold == "auto" and not self._anomalous_seen:
+        if self.threshold == "auto" and not self._anomalous_seen and not self._announced:
+            self._announced = True
             logger.info(
                 "The validation set has no anomalous image: thresholds are set to flag %.2g %% of its normal "
                 "images and pixels (threshold='false_positive_rate').",

@@ -7,9 +7,13 @@ peak memory is its own. Reports median fit seconds, their ratio, peak resident m
 loss of each stage (identical with and without the cache, for the same seed, up to float rounding).
 
     HF_HUB_OFFLINE=1 python benchmarks/cache_speedup.py --rounds 3   # writes benchmarks/results/cache_speedup.md
+
+Each finished fit is printed as ``on {...}`` / ``off {...}``; ``--from-log LOG`` writes the report
+from those lines alone (a run stopped early reports the rounds it finished).
 """
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -52,6 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cache_speedup.md")
+    parser.add_argument("--note", default="nothing else running", help="what else ran on the machine")
+    parser.add_argument("--from-log", type=Path, help="write the report from the fits printed in this log")
     parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child:
@@ -59,7 +65,14 @@ def main() -> None:
         return
 
     runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-    for _ in range(arguments.rounds):
+    if arguments.from_log:
+        for line in arguments.from_log.read_text().splitlines():
+            setting, _, fields = line.partition(" ")
+            if setting in runs and fields.startswith("{"):
+                runs[setting].append(ast.literal_eval(fields))
+        arguments.rounds = min(len(results) for results in runs.values())
+        runs = {setting: results[: arguments.rounds] for setting, results in runs.items()}
+    for _ in range(0 if arguments.from_log else arguments.rounds):
         for setting in runs:
             child = subprocess.run(
                 [sys.executable, __file__, "--child", setting],
@@ -76,7 +89,7 @@ def main() -> None:
         "Fit of `configs/quickstart.yaml` (lite DADF, ELPV mono, 318 training cells, 256x256, 5 + 15 epochs, batch 16),",
         (
             f"{arguments.rounds} rounds interleaved, each fit in a fresh process; {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores, nothing else running. Losses: the last epoch's mean of each stage."
+            f"{os.cpu_count()} cores; {arguments.note}. Losses: the last epoch's mean of each stage."
         ),
         "",
         "| cache | fit s (median) | fit s (all) | peak MiB (max) | " + " | ".join(loss_names) + " |",

@@ -82,7 +82,7 @@ def main() -> None:
     core = ov.Core()
     cpu = (
         f"{core.get_property('CPU', 'FULL_DEVICE_NAME')}; OpenVINO {ov.__version__}; default inference precision "
-        f"{core.get_property('CPU', 'INFERENCE_PRECISION_HINT')}; capabilities "
+        f"{core.get_property('CPU', 'INFERENCE_PRECISION_HINT').get_type_name()}; capabilities "
         f"{', '.join(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))}"
     )
     lines = [

@@ -95,7 +95,7 @@ def main() -> None:
             f"Checkpoint: `{arguments.ckpt}`. Agreement: Spearman correlation with FP32's image scores on the "
             f"{len(validation)} validation images. {len(paths)} test cells, batch 1, f32 inference (but for the bf16 "
             f"row), image reading included. The CPU's default inference precision: "
-            f"{ov.Core().get_property('CPU', 'INFERENCE_PRECISION_HINT')} (f32 means this CPU has no bf16, and the "
+            f"{ov.Core().get_property('CPU', 'INFERENCE_PRECISION_HINT').get_type_name()} (f32 means this CPU has no bf16, and the "
             "bf16 row runs at f32)."
         ),
         "",

@@ -30,10 +30,11 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
 # Compressed exports: worst anomaly-map correlation with the Lightning model measured over 5 seeds by
-# benchmarks/export_tolerance.py (FP16 0.99997, INT8 weights 0.99965, INT8_PTQ 0.986), asserted with
-# about 3x margin on 1 - r. Scores of this tiny model lie close together, so compression can move a
-# normalised score by a large share of their range; the correlation of the maps is the stable measure.
-COMPRESSED_MIN_PEARSON = {CompressionType.FP16: 0.9999, CompressionType.INT8: 0.999, CompressionType.INT8_PTQ: 0.96}
+# benchmarks/export_tolerance.py on an AVX2 CPU (FP16 0.99998, INT8 weights 0.99996, INT8_PTQ 0.917; an AVX-512
+# CPU gave 0.986 for INT8_PTQ before the reference initialisation), asserted with about 3x margin on 1 - r.
+# Scores of this tiny model lie close together, so compression can move a normalised score by a large share of
+# their range; the correlation of the maps is the stable measure. INT8 kernels differ between CPUs.
+COMPRESSED_MIN_PEARSON = {CompressionType.FP16: 0.9999, CompressionType.INT8: 0.999, CompressionType.INT8_PTQ: 0.75}
 
 
 @dataclass

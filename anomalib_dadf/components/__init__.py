@@ -1,7 +1,7 @@
 """Building blocks of DADF: the prior's description, the dual-attention Transformer, the flows, the feature cache."""
 
 from .backbone import PriorScales, describe_prior, input_statistics, pretrained_features
-from .cache import FeatureCache
+from .cache import FeatureCache, RunCache
 from .flow import DiscriminativeFlow
 from .transformer import DualAttention, DualAttentionBlock, DualAttentionTransformer
 
@@ -12,6 +12,7 @@ __all__ = [
     "DualAttentionTransformer",
     "FeatureCache",
     "PriorScales",
+    "RunCache",
     "describe_prior",
     "input_statistics",
     "pretrained_features",

@@ -111,3 +111,40 @@ class FeatureCache:
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
+
+
+class RunCache:
+    """The caches of one training run, one per kind of tensor (priors, reconstructions), sharing one memory budget.
+
+    Each kind gets what the kinds before it left of the budget; a kind that does not fit is memory-mapped.
+
+    Args:
+        capacity: Images per cache (the training set's size).
+        budget_bytes: Memory all caches together may use.
+        directory: Where memory-mapped caches' files go.
+    """
+
+    def __init__(self, capacity: int, budget_bytes: int, directory: str | Path | None = None) -> None:
+        self.capacity = capacity
+        self.budget_bytes = budget_bytes
+        self.directory = directory
+        self._caches: dict[str, FeatureCache] = {}
+
+    def get(
+        self,
+        kind: str,
+        keys: Sequence[str],
+        compute: Callable[[], Sequence[torch.Tensor]],
+        device: torch.device | str = "cpu",
+    ) -> list[torch.Tensor]:
+        """:meth:`FeatureCache.get` on the cache of ``kind``, created on first use."""
+        if kind not in self._caches:
+            left = self.budget_bytes - sum(cache.memory_bytes for cache in self._caches.values())
+            self._caches[kind] = FeatureCache(self.capacity, max(0, left), self.directory)
+        return self._caches[kind].get(keys, compute, device)
+
+    def close(self) -> None:
+        """Free every cache."""
+        for cache in self._caches.values():
+            cache.close()
+        self._caches.clear()
