@@ -82,13 +82,14 @@ def main() -> None:
             print(setting, runs[setting][-1], flush=True)
 
     median = {setting: statistics.median(run["seconds"] for run in results) for setting, results in runs.items()}
+    command = f"--from-log {arguments.from_log}" if arguments.from_log else f"--rounds {arguments.rounds}"
     loss_names = sorted(name for name in runs["on"][0] if name.endswith("_epoch"))
     lines = [
-        f"# Feature cache (`python benchmarks/cache_speedup.py --rounds {arguments.rounds}`)",
+        f"# Feature cache (`python benchmarks/cache_speedup.py {command}`)",
         "",
         "Fit of `configs/quickstart.yaml` (lite DADF, ELPV mono, 318 training cells, 256x256, 5 + 15 epochs, batch 16),",
         (
-            f"{arguments.rounds} rounds interleaved, each fit in a fresh process; {platform.processor() or platform.machine()}, "
+            f"{arguments.rounds} round(s) interleaved, each fit in a fresh process; {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores; {arguments.note}. Losses: the last epoch's mean of each stage."
         ),
         "",
