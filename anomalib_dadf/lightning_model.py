@@ -2,9 +2,11 @@
 
 One ``anomalib train`` run trains both of DADF's stages: for ``reconstruction_epochs`` epochs the
 Transformer learns to reconstruct the frozen prior (AdamW), then for ``flow_epochs`` epochs the
-flows learn the likelihood of [prior, local, global] with the Transformer frozen (Adam). The stage
-follows from the epoch counter, so resuming from a checkpoint continues in the right stage with
-both optimizers' states.
+flows learn the likelihood of [prior, local, global] with the Transformer frozen (Adam). With
+``reconstruction_patience`` set, stage 1 instead ends once the reconstruction loss of held-out normal
+training images stops improving (``reconstruction_epochs`` is then the cap). The stage follows from the
+epoch counter and the epoch stage 2 began at (saved with checkpoints), so resuming from a checkpoint
+continues in the right stage with both optimizers' states.
 
 Example:
     >>> from anomalib.data import MVTecAD
@@ -38,11 +40,12 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn.utils import get_total_norm
+from torchmetrics import MeanMetric
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .callbacks import UnreadableImages
 from .checkpoint_io import AtomicCheckpointIO
-from .components import RunCache, input_statistics, pretrained_features
+from .components import Plateau, RunCache, held_out_images, input_statistics, pretrained_features
 from .export_mixin import DadfExportMixin
 from .loss import FlowLoss, ReconstructionLoss
 from .metrics import SPRO, FieldAwareEvaluator
@@ -107,7 +110,14 @@ class Dadf(DadfExportMixin, AnomalibModule):
             or ``"conv"`` (FastFlow's two full convolutions, more capacity). Defaults to ``"depthwise"``.
         flow_inputs (Sequence[str]): Views the flows see; DADF uses ``("prior", "local", "global")``
             (the default), a subset in that order is an ablation.
-        reconstruction_epochs (int): Epochs of stage 1 (Transformer). Defaults to ``200``.
+        reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
+            is set. Defaults to ``200``.
+        reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
+            training images has not improved by 0.5 % for this many epochs; ``None`` trains stage 1 for
+            exactly ``reconstruction_epochs`` (the paper). Defaults to ``None``.
+        reconstruction_holdout (float): Share of the training images held out of stage 1 to measure that loss
+            (a fixed random choice, at least one image); stage 2 trains on all. Used only with
+            ``reconstruction_patience``. Defaults to ``0.1``.
         flow_epochs (int): Epochs of stage 2 (flows). Defaults to ``15``.
         reconstruction_lr (float): AdamW learning rate of stage 1. Defaults to ``1e-4``.
         flow_lr (float): Adam learning rate of stage 2. Defaults to ``1e-3``.
@@ -151,6 +161,8 @@ class Dadf(DadfExportMixin, AnomalibModule):
         flow_subnet: str = "depthwise",
         flow_inputs: Sequence[str] = ("prior", "local", "global"),
         reconstruction_epochs: int = 200,
+        reconstruction_patience: int | None = None,
+        reconstruction_holdout: float = 0.1,
         flow_epochs: int = 15,
         reconstruction_lr: float = 1e-4,
         flow_lr: float = 1e-3,
@@ -193,6 +205,9 @@ class Dadf(DadfExportMixin, AnomalibModule):
         self.flow_batch_size = flow_batch_size
         self._flow_images = 0
         self._cache: RunCache | None = None
+        self._plateau = None if reconstruction_patience is None else Plateau(reconstruction_patience)
+        self._held_out: frozenset[str] = frozenset()
+        self.held_out_loss = MeanMetric()
         # Two stages with two optimizers of different kinds: Lightning needs manual optimization for that.
         self.automatic_optimization = False
 
@@ -201,6 +216,7 @@ class Dadf(DadfExportMixin, AnomalibModule):
         self.loss = FlowLoss()
         # Saved with every checkpoint, so an export can tell a model whose flows never trained.
         self.register_buffer("flow_steps_trained", torch.zeros((), dtype=torch.long))
+        self.register_buffer("flow_start_epoch", torch.tensor(reconstruction_epochs, dtype=torch.long))
 
     def _build_model(self, input_size: Sequence[int]) -> DadfModel:
         """Build the torch model without backbone weights.
@@ -242,6 +258,9 @@ class Dadf(DadfExportMixin, AnomalibModule):
             reconstruction_epochs = saved.get("reconstruction_epochs", self.reconstruction_epochs)
             flow_epochs_done = checkpoint.get("epoch", 0) >= reconstruction_epochs
             state["flow_steps_trained"] = torch.tensor(int(flow_epochs_done), dtype=torch.long)
+        if "flow_start_epoch" not in state:
+            # Checkpoints before the held-out stop ran stage 1 for exactly reconstruction_epochs.
+            state["flow_start_epoch"] = torch.tensor(saved.get("reconstruction_epochs", self.reconstruction_epochs))
 
     def on_fit_start(self) -> None:
         """Load the backbone's pretrained weights when training starts from scratch."""
@@ -294,7 +313,7 @@ class Dadf(DadfExportMixin, AnomalibModule):
     @property
     def stage(self) -> Stage:
         """Stage of the current training epoch."""
-        return Stage.RECONSTRUCTION if self.current_epoch < self.reconstruction_epochs else Stage.FLOW
+        return Stage.RECONSTRUCTION if self.current_epoch < int(self.flow_start_epoch) else Stage.FLOW
 
     def setup(self, stage: str) -> None:
         """Add sPRO on MVTec LOCO data, write checkpoints atomically, let DDP accept the idle stage's parameters.
@@ -342,11 +361,15 @@ class Dadf(DadfExportMixin, AnomalibModule):
         images = batch.image.shape[0]
         priors = self._cached("priors", batch, lambda: self.model.extract_priors(batch.image))
         if self.stage == Stage.RECONSTRUCTION:
+            priors = self._measure_held_out(batch, priors)
+            if not len(priors[0]):
+                return None
             loss = self.reconstruction_loss(priors, *self.model.reconstruct(priors))
             self._stop_if_diverged("loss", loss)
             reconstruction_optimizer.zero_grad()
             self.manual_backward(loss)
             self._step(reconstruction_optimizer)
+            images = len(priors[0])
         else:
             views = self._cached("reconstructions", batch, lambda: self._reconstruct_without_gradients(priors))
             loss = self.loss(*self.model.discriminate(priors, views[: len(priors)], views[len(priors) :]))
@@ -370,9 +393,21 @@ class Dadf(DadfExportMixin, AnomalibModule):
             on_epoch=True,
             prog_bar=True,
             logger=True,
-            batch_size=batch.image.shape[0],
+            batch_size=images,
         )
         return {"loss": loss.detach()}
+
+    def _measure_held_out(self, batch: Batch, priors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Add the held-out images' reconstruction loss to the epoch's mean; the priors of the others."""
+        if not self._held_out:
+            return priors
+        held_out = torch.tensor([path in self._held_out for path in batch.image_path], device=priors[0].device)
+        if held_out.any():
+            with torch.no_grad():
+                held_out_priors = [prior[held_out] for prior in priors]
+                loss = self.reconstruction_loss(held_out_priors, *self.model.reconstruct(held_out_priors))
+            self.held_out_loss.update(loss, weight=int(held_out.sum()))
+        return [prior[~held_out] for prior in priors]
 
     def _reconstruct_without_gradients(self, priors: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -390,9 +425,30 @@ class Dadf(DadfExportMixin, AnomalibModule):
         self._flow_images = 0
         self.optimizers()[1].zero_grad()
 
+    def on_train_epoch_end(self) -> None:
+        """End stage 1 when the held-out reconstruction loss has stalled; end the run after the flow epochs."""
+        if self.stage == Stage.RECONSTRUCTION and self._held_out:
+            loss = float(self.held_out_loss.compute())
+            self.held_out_loss.reset()
+            self.log("held_out_reconstruction_loss", loss, logger=True)
+            stalled = self._plateau.stalled(loss)
+            if stalled or self.current_epoch + 1 == self.reconstruction_epochs:
+                logger.info(
+                    "DADF's stage 1 ends after epoch %d: the held-out reconstruction loss %s (best %.6g at epoch %d).",
+                    self.current_epoch,
+                    f"has not improved for {self._plateau.patience} epochs" if stalled else "reached the epoch cap",
+                    self._plateau.best,
+                    self._plateau.best_epoch,
+                )
+                self.flow_start_epoch.fill_(self.current_epoch + 1)
+                self._held_out = frozenset()
+        elif self.current_epoch + 1 >= int(self.flow_start_epoch) + self.flow_epochs:
+            self.trainer.should_stop = True
+
     def on_train_start(self) -> None:
-        """Prepare the feature cache, unless it is off or training images are augmented."""
+        """Hold out stage 1's images when its stop is on; prepare the feature cache unless it is off or images are augmented."""
         self.on_train_end()
+        self._hold_out_images()
         if not self.hparams["cache_features"]:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -401,6 +457,23 @@ class Dadf(DadfExportMixin, AnomalibModule):
             logger.info("DADF's feature cache is off: %s, so a training image's prior may differ between epochs.", reason)
             return
         self._cache = RunCache(len(self.trainer.train_dataloader.dataset), int(self.hparams["cache_memory_gb"] * 1e9))
+
+    def _hold_out_images(self) -> None:
+        """Choose the images that stage 1 holds out to measure its reconstruction loss (when the stop is on).
+
+        Raises:
+            ValueError: The training set does not name its images' paths, so none can be held out.
+        """
+        if self._plateau is None or self.stage != Stage.RECONSTRUCTION:
+            return
+        samples = getattr(self.trainer.train_dataloader.dataset, "samples", None)
+        if samples is None or "image_path" not in samples:
+            msg = (
+                "reconstruction_patience needs a training set that names its images' paths (an anomalib data module) "
+                "to hold some out; set reconstruction_patience=None to train stage 1 for reconstruction_epochs."
+            )
+            raise ValueError(msg)
+        self._held_out = held_out_images(samples["image_path"], self.hparams["reconstruction_holdout"])
 
     def _cached(self, kind: str, batch: Batch, compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
         """``compute()``, or what it gave for these images earlier in this run when the cache is on.

@@ -162,10 +162,12 @@ def test_a_model_whose_flows_never_trained_refuses_to_export(mvtec_root: Path, t
 def test_checkpoints_from_before_the_counter_still_load_and_export(trained, tmp_path: Path) -> None:
     checkpoint = torch.load(trained.checkpoint, weights_only=False)
     assert int(checkpoint["state_dict"].pop("flow_steps_trained")) > 0
+    checkpoint["state_dict"].pop("flow_start_epoch")
     old = tmp_path / "version-0.1.ckpt"
     torch.save(checkpoint, old)
     restored = Dadf.load_from_checkpoint(old)
     assert int(restored.flow_steps_trained) == 1
+    assert int(restored.flow_start_epoch) == restored.reconstruction_epochs
     assert Path(restored.to_torch(tmp_path / "torch")).is_file()
 
 

@@ -1,8 +1,10 @@
-"""Building blocks of DADF: the prior's description, the dual-attention Transformer, the flows, the feature cache."""
+"""Building blocks of DADF: the prior's description, the dual-attention Transformer, the flows, the feature cache,
+the held-out stop of stage 1."""
 
 from .backbone import PriorScales, describe_prior, input_statistics, pretrained_features
 from .cache import FeatureCache, RunCache
 from .flow import DiscriminativeFlow
+from .held_out import Plateau, held_out_images
 from .transformer import DualAttention, DualAttentionBlock, DualAttentionTransformer
 
 __all__ = [
@@ -11,9 +13,11 @@ __all__ = [
     "DualAttentionBlock",
     "DualAttentionTransformer",
     "FeatureCache",
+    "Plateau",
     "PriorScales",
     "RunCache",
     "describe_prior",
+    "held_out_images",
     "input_statistics",
     "pretrained_features",
 ]
