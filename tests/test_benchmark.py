@@ -41,6 +41,7 @@ def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> 
     config = {
         "title": "tiny",
         "input_size": [64, 64],
+        "cost_growth": True,
         "seeds": 2,
         "models": [
             {
@@ -98,6 +99,10 @@ def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> 
     assert "±" in summary
     assert "Failed runs" in summary
     assert (output / "image_auroc.png").stat().st_size > 1000
+    assert (output / "cost_growth.png").stat().st_size > 1000
+    assert "![cost growth](cost_growth.png)" in summary
+    toy_size = len(list((mvtec_root / "widget" / "train" / "good").iterdir()))
+    assert set(ran.loc[ran["data"] == "toy", "train_images"]) == {toy_size}
 
 
 CONFIG = {
@@ -127,6 +132,13 @@ def test_a_data_set_can_cap_the_seeds_of_every_model() -> None:
     assert jobs == [("x", "A"), ("x", "B"), ("x", "B"), ("y", "A"), ("y", "B")]
 
 
+def test_a_model_may_run_at_its_own_input_size() -> None:
+    config = {**CONFIG, "input_size": [64, 64], "models": [{"name": "A", "input_size": [128, 128]}, {"name": "B"}],
+              "seeds": 1, "data": [{"name": "x"}]}
+    sizes = {job.spec["model"]["name"]: job.spec["input_size"] for job in DadfBenchmarkJobGenerator()(config)}
+    assert sizes == {"A": [128, 128], "B": [64, 64]}
+
+
 def test_a_partial_run_replaces_only_its_cells_and_keeps_config_order(tmp_path: Path) -> None:
     earlier = pd.DataFrame({
         "data": ["x", "x", "y", "y", "y"], "model": ["A", "C", "A", "C", "C"], "seed": [0, 0, 0, 0, 1],
@@ -151,7 +163,8 @@ def test_ranking_averages_metrics_then_data_sets() -> None:
     ]
 
 
-@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark_ablation.yaml", "benchmark_paper.yaml", "tuning.yaml"])
+@pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "configs").glob("*.yaml")
+                                        if "models" in yaml.safe_load(path.read_text())))
 def test_committed_benchmark_configs_name_real_classes_and_arguments(name: str) -> None:
     config = yaml.safe_load((REPO / "configs" / name).read_text())
     assert config["models"] and config["data"]

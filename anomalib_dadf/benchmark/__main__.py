@@ -80,7 +80,7 @@ def main() -> None:
         "pre- and post-processing, one test batch), peak resident memory of the run's process.\n\n"
         f"{config.get('notes', '').strip()}"
     )
-    print(f"Wrote {write_report(results, output, header, config.get('rank_by'))}")
+    print(f"Wrote {write_report(results, output, header, config.get('rank_by'), config.get('cost_growth', False))}")
 
 
 if __name__ == "__main__":

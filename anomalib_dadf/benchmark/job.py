@@ -117,6 +117,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "ms_per_image": statistics.median(durations),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable_params": sum(trained.values()),
+        "train_images": len(datamodule.train_data),
         **{name: float(metrics[name]) for name in METRICS if name in metrics},
     }
 
@@ -126,7 +127,7 @@ class DadfBenchmarkJob(Job):
 
     Args:
         spec: ``model`` and ``data`` (``name``, ``class_path``, ``init_args``; a model may add
-            ``max_epochs``), ``seed``, ``input_size`` and ``accelerator``.
+            ``max_epochs`` and ``input_size``), ``seed``, ``input_size`` and ``accelerator``.
     """
 
     name = "benchmark"
@@ -167,7 +168,8 @@ class DadfBenchmarkJobGenerator(JobGenerator):
     """Every model x data set x seed of a benchmark config (see ``configs/benchmark.yaml``).
 
     A model runs ``seeds`` times (its own ``seeds`` entry, else the config's; deterministic models
-    say ``seeds: 1``), at most as often as its data entry's ``seeds`` allows.
+    say ``seeds: 1``), at most as often as its data entry's ``seeds`` allows, at its own ``input_size``
+    if it gives one (a tuning study over sizes), else the config's.
 
     Args:
         models: Names of the config's models to run; ``None`` runs all.
@@ -203,7 +205,7 @@ class DadfBenchmarkJobGenerator(JobGenerator):
                         "data": data,
                         "model": model,
                         "seed": seed,
-                        "input_size": list(args.get("input_size", [256, 256])),
+                        "input_size": list(model.get("input_size", args.get("input_size", [256, 256]))),
                         "accelerator": args.get("accelerator", "cpu"),
                     })
 

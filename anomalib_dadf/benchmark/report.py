@@ -10,7 +10,8 @@ from matplotlib import pyplot as plt
 
 from .job import METRICS
 
-COSTS = ["fit_s", "test_s", "ms_per_image", "peak_rss_mib", "trainable_params"]
+COSTS = ["fit_s", "test_s", "ms_per_image", "peak_rss_mib", "trainable_params", "train_images"]
+GROWTH = {"fit_s": "fit seconds", "ms_per_image": "test ms per image", "peak_rss_mib": "peak memory, MiB"}
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
@@ -31,6 +32,8 @@ def _cell(row: pd.Series, column: str) -> str:
         return f"{value:.3f} ± {spread:.3f}" if row["seeds"] > 1 else f"{value:.3f}"
     if column == "trainable_params":
         return f"{value / 1e6:.2f} M"
+    if column == "train_images":
+        return f"{value:.0f}"
     return f"{value:.1f}" if column != "peak_rss_mib" else f"{value:.0f}"
 
 
@@ -72,10 +75,33 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
-def write_report(results: pd.DataFrame, output: Path, header: str, rank_by: list[str] | None = None) -> Path:
+def plot_growth(summary: pd.DataFrame, path: Path) -> None:
+    """Fit time, test time per image and peak memory against the number of training images, log-log, a line per model."""
+    figure, axes = plt.subplots(1, len(GROWTH), figsize=(4.2 * len(GROWTH), 3.8))
+    for axis, (column, label) in zip(axes, GROWTH.items(), strict=True):
+        for model, rows in summary.sort_values("train_images").groupby("model", sort=False):
+            axis.plot(rows["train_images"], rows[column], marker="o", label=model)
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("training images")
+        axis.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(
+    results: pd.DataFrame,
+    output: Path,
+    header: str,
+    rank_by: list[str] | None = None,
+    growth: bool = False,
+) -> Path:
     """Write ``results.csv`` (one row per run), ``summary.md`` and ``image_auroc.png`` into ``output``.
 
-    With ``rank_by`` (metric names), ``summary.md`` also ranks the models by :func:`ranking`.
+    With ``rank_by`` (metric names), ``summary.md`` also ranks the models by :func:`ranking`; with
+    ``growth`` it shows ``cost_growth.png`` (:func:`plot_growth`), for data sets that differ in size.
     """
     output.mkdir(parents=True, exist_ok=True)
     results.to_csv(output / "results.csv", index=False)
@@ -85,6 +111,9 @@ def write_report(results: pd.DataFrame, output: Path, header: str, rank_by: list
     text = f"{header}\n\n{markdown(summary)}\n\n![image AUROC](image_auroc.png)\n"
     if rank_by:
         text += f"\nRanking by the mean of {', '.join(rank_by)} over the data sets:\n\n{ranking(summary, rank_by)}\n"
+    if growth:
+        plot_growth(summary, output / "cost_growth.png")
+        text += "\n![cost growth](cost_growth.png)\n"
     if failed:
         text += "\nFailed runs:\n\n" + "\n".join(failed) + "\n"
     (output / "summary.md").write_text(text)
