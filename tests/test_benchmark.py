@@ -103,6 +103,7 @@ def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> 
     assert "![cost growth](cost_growth.png)" in summary
     toy_size = len(list((mvtec_root / "widget" / "train" / "good").iterdir()))
     assert set(ran.loc[ran["data"] == "toy", "train_images"]) == {toy_size}
+    assert set(ran.loc[ran["model"] == "DADF", "epochs"]) == {2}
 
 
 CONFIG = {

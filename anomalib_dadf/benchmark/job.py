@@ -118,6 +118,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "trainable_params": sum(trained.values()),
         "train_images": len(datamodule.train_data),
+        "epochs": engine.trainer.current_epoch,
         **{name: float(metrics[name]) for name in METRICS if name in metrics},
     }
 

@@ -10,7 +10,7 @@ from matplotlib import pyplot as plt
 
 from .job import METRICS
 
-COSTS = ["fit_s", "test_s", "ms_per_image", "peak_rss_mib", "trainable_params", "train_images"]
+COSTS = ["fit_s", "test_s", "ms_per_image", "peak_rss_mib", "trainable_params", "train_images", "epochs"]
 GROWTH = {"fit_s": "fit seconds", "ms_per_image": "test ms per image", "peak_rss_mib": "peak memory, MiB"}
 
 
@@ -32,7 +32,7 @@ def _cell(row: pd.Series, column: str) -> str:
         return f"{value:.3f} ± {spread:.3f}" if row["seeds"] > 1 else f"{value:.3f}"
     if column == "trainable_params":
         return f"{value / 1e6:.2f} M"
-    if column == "train_images":
+    if column in {"train_images", "epochs"}:
         return f"{value:.0f}"
     return f"{value:.1f}" if column != "peak_rss_mib" else f"{value:.0f}"
 
