@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from anomalib_dadf.benchmark import TimmFastflow, import_class
-from anomalib_dadf.benchmark.__main__ import merged
+from anomalib_dadf.benchmark.__main__ import cap_seeds, merged
 from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator
 from anomalib_dadf.benchmark.report import ranking, summarise
 from anomalib_dadf.data.synthetic import make_mvtec_loco
@@ -131,6 +131,13 @@ def test_a_data_set_can_cap_the_seeds_of_every_model() -> None:
     }
     jobs = [(job.spec["data"]["name"], job.spec["model"]["name"]) for job in DadfBenchmarkJobGenerator()(config)]
     assert jobs == [("x", "A"), ("x", "B"), ("x", "B"), ("y", "A"), ("y", "B")]
+
+
+def test_seeds_can_be_capped_for_a_first_pass() -> None:
+    config = {**CONFIG, "data": [{"name": "x"}, {"name": "y", "seeds": 1}], "seeds": 3}
+    cap_seeds(config, 2)
+    jobs = [(job.spec["data"]["name"], job.spec["seed"]) for job in DadfBenchmarkJobGenerator(models=["A"])(config)]
+    assert jobs == [("x", 0), ("x", 1), ("y", 0)]
 
 
 def test_a_model_may_run_at_its_own_input_size() -> None:

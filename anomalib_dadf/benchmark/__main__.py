@@ -4,6 +4,7 @@ Every model x data set x seed of the config is fitted and tested in a fresh proc
 anomalib's serial runner; the results go to ``results.csv`` (one row per run), ``summary.md``
 (mean ± std over seeds) and ``image_auroc.png`` in the config's ``output`` folder.
 
+``--seeds N`` runs at most N seeds of every model (a first pass when time is short).
 ``--models`` / ``--data`` run part of the grid and merge it into the folder's ``results.csv``: rows of
 the re-run cells are replaced, all others are kept, and the report is written anew. ``--report-only``
 runs nothing and writes the report anew from the folder's ``results.csv`` (after a change to the
@@ -50,15 +51,24 @@ def merged(results: pd.DataFrame, previous: Path, config: dict) -> pd.DataFrame:
     return results.loc[positions.sort_values(["data", "model"], kind="stable").index].reset_index(drop=True)
 
 
+def cap_seeds(config: dict, seeds: int) -> None:
+    """Let every model of ``config`` run at most ``seeds`` seeds (a data entry's ``seeds`` caps its models')."""
+    for data in config["data"]:
+        data["seeds"] = min(int(data.get("seeds", seeds)), seeds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="benchmark YAML, e.g. configs/benchmark.yaml")
     parser.add_argument("--output", type=Path, default=None, help="overrides the config's output folder")
     parser.add_argument("--models", nargs="+", default=None, help="run only these models (names in the config)")
     parser.add_argument("--data", nargs="+", default=None, help="run only these data sets (names in the config)")
+    parser.add_argument("--seeds", type=int, default=None, help="run at most this many seeds of every model (time)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the existing results.csv")
     arguments = parser.parse_args()
     config = yaml.safe_load(arguments.config.read_text())
+    if arguments.seeds is not None:
+        cap_seeds(config, arguments.seeds)
     output = arguments.output or Path(config.get("output", "results/benchmark"))
 
     if arguments.report_only:

@@ -149,8 +149,10 @@ class DadfBenchmarkJob(Job):
             logger.exception("Benchmark job %s failed", row)
             row["error"] = "".join(traceback.format_exception_only(error)).strip()[-300:]
         logger.info("Benchmark result: %s", row)
+        # Every measured number, so that the rows of a run stopped part-way can be read back from its output.
         print(f"{row['data']} | {row['model']} | seed {row['seed']}: " + ", ".join(
-            f"{key} {value:.3f}" for key, value in row.items() if isinstance(value, float)
+            f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
+            for key, value in row.items() if isinstance(value, int | float) and key != "seed"
         ) + (f" ERROR {row['error']}" if "error" in row else ""), flush=True)
         return row
 
