@@ -140,6 +140,21 @@ def test_seeds_can_be_capped_for_a_first_pass() -> None:
     assert jobs == [("x", 0), ("x", 1), ("y", 0)]
 
 
+def test_later_seeds_can_be_added_to_cells_that_ran(tmp_path: Path) -> None:
+    config = {**CONFIG, "models": [{"name": "A"}, {"name": "B", "seeds": 1}], "data": [{"name": "x"}], "seeds": 3}
+    jobs = [(job.spec["model"]["name"], job.spec["seed"]) for job in DadfBenchmarkJobGenerator(first_seed=1)(config)]
+    assert jobs == [("A", 1), ("A", 2)]
+    earlier = pd.DataFrame({
+        "data": ["x", "x", "x"], "model": ["A", "A", "B"], "seed": [0, 1, 0], "image_AUROC": [0.1, 0.2, 0.3],
+    })
+    earlier.to_csv(tmp_path / "results.csv", index=False)
+    added = pd.DataFrame({"data": ["x", "x"], "model": ["A", "A"], "seed": [1, 2], "image_AUROC": [0.7, 0.8]})
+    rows = merged(added, tmp_path / "results.csv", config, first_seed=1)
+    assert list(zip(rows["model"], rows["seed"], rows["image_AUROC"], strict=True)) == [
+        ("A", 0, 0.1), ("A", 1, 0.7), ("A", 2, 0.8), ("B", 0, 0.3),
+    ]
+
+
 def test_a_model_may_run_at_its_own_input_size() -> None:
     config = {**CONFIG, "input_size": [64, 64], "models": [{"name": "A", "input_size": [128, 128]}, {"name": "B"}],
               "seeds": 1, "data": [{"name": "x"}]}

@@ -4,11 +4,12 @@ Every model x data set x seed of the config is fitted and tested in a fresh proc
 anomalib's serial runner; the results go to ``results.csv`` (one row per run), ``summary.md``
 (mean ± std over seeds) and ``image_auroc.png`` in the config's ``output`` folder.
 
-``--seeds N`` runs at most N seeds of every model (a first pass when time is short).
+``--seeds N`` runs at most N seeds of every model (a first pass when time is short); ``--first-seed K``
+starts at seed K, so later seeds can be added to cells whose first seeds already ran.
 ``--models`` / ``--data`` run part of the grid and merge it into the folder's ``results.csv``: rows of
-the re-run cells are replaced, all others are kept, and the report is written anew. ``--report-only``
-runs nothing and writes the report anew from the folder's ``results.csv`` (after a change to the
-config's ``notes`` or ``rank_by``, say).
+the re-run cells are replaced (with ``--first-seed K``, only their seeds from K on), all others are kept,
+and the report is written anew. ``--report-only`` runs nothing and writes the report anew from the
+folder's ``results.csv`` (after a change to the config's ``notes`` or ``rank_by``, say).
 """
 
 import argparse
@@ -34,12 +35,18 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()}"
 
 
-def merged(results: pd.DataFrame, previous: Path, config: dict) -> pd.DataFrame:
-    """``results`` in place of the same data/model cells of an earlier ``results.csv``, in config order."""
+def merged(results: pd.DataFrame, previous: Path, config: dict, first_seed: int = 0) -> pd.DataFrame:
+    """``results`` in place of the same data/model cells of an earlier ``results.csv``, in config order.
+
+    A re-run cell's earlier rows of seeds below ``first_seed`` are kept: those seeds were not run again.
+    """
     if previous.is_file():
         earlier = pd.read_csv(previous)
         rerun = set(zip(results["data"], results["model"], strict=True))
-        kept = [cell not in rerun for cell in zip(earlier["data"], earlier["model"], strict=True)]
+        kept = [
+            (data, model) not in rerun or seed < first_seed
+            for data, model, seed in zip(earlier["data"], earlier["model"], earlier["seed"], strict=True)
+        ]
         results = pd.concat([earlier[kept], results], ignore_index=True)
     # Rows of entries since removed from the config go last.
     positions = pd.DataFrame({
@@ -64,6 +71,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, help="run only these models (names in the config)")
     parser.add_argument("--data", nargs="+", default=None, help="run only these data sets (names in the config)")
     parser.add_argument("--seeds", type=int, default=None, help="run at most this many seeds of every model (time)")
+    parser.add_argument("--first-seed", type=int, default=0, help="start at this seed (add seeds to cells already run)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the existing results.csv")
     arguments = parser.parse_args()
     config = yaml.safe_load(arguments.config.read_text())
@@ -76,11 +84,15 @@ def main() -> None:
         ran = "report rewritten from the results.csv of an earlier run"
     else:
         start = time.perf_counter()
-        results = SerialRunner(DadfBenchmarkJobGenerator(arguments.models, arguments.data)).run(config)
-        if arguments.models or arguments.data:
-            results = merged(results, output / "results.csv", config)
+        runner = SerialRunner(DadfBenchmarkJobGenerator(arguments.models, arguments.data, arguments.first_seed))
+        results = runner.run(config)
+        if results.empty:
+            parser.error(f"nothing to run: no model of the selection has a seed from {arguments.first_seed} on.")
+        partial = bool(arguments.models or arguments.data or arguments.first_seed)
+        if partial:
+            results = merged(results, output / "results.csv", config, arguments.first_seed)
         minutes = (time.perf_counter() - start) / 60
-        ran = f"{minutes:.0f} min{' for the re-run cells' if arguments.models or arguments.data else ' in all'}"
+        ran = f"{minutes:.0f} min{' for the re-run cells' if partial else ' in all'}"
     header = (
         f"# Benchmark: {config.get('title', arguments.config.stem)}\n\n"
         f"Command: `python -m anomalib_dadf.benchmark {shlex.join(sys.argv[1:])}` "

@@ -177,13 +177,14 @@ class DadfBenchmarkJobGenerator(JobGenerator):
     Args:
         models: Names of the config's models to run; ``None`` runs all.
         data: Names of the config's data sets to run; ``None`` runs all.
+        first_seed: Seeds below this one are not run (they ran before).
 
     Raises:
         ValueError: A name that is not in the config.
     """
 
-    def __init__(self, models: list[str] | None = None, data: list[str] | None = None) -> None:
-        self.models, self.data = models, data
+    def __init__(self, models: list[str] | None = None, data: list[str] | None = None, first_seed: int = 0) -> None:
+        self.models, self.data, self.first_seed = models, data, first_seed
 
     @property
     def job_class(self) -> type[DadfBenchmarkJob]:
@@ -203,7 +204,7 @@ class DadfBenchmarkJobGenerator(JobGenerator):
                 seeds = int(model.get("seeds", args.get("seeds", 1)))
                 if "seeds" in data:
                     seeds = min(seeds, int(data["seeds"]))
-                for seed in range(seeds):
+                for seed in range(self.first_seed, seeds):
                     yield DadfBenchmarkJob({
                         "data": data,
                         "model": model,
