@@ -45,7 +45,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .callbacks import UnreadableImages
 from .checkpoint_io import AtomicCheckpointIO
-from .components import Plateau, RunCache, held_out_images, input_statistics, pretrained_features
+from .components import Plateau, RunCache, check_holdout, held_out_images, input_statistics, pretrained_features
 from .export_mixin import DadfExportMixin
 from .loss import FlowLoss, ReconstructionLoss
 from .metrics import SPRO, FieldAwareEvaluator
@@ -142,7 +142,8 @@ class Dadf(DadfExportMixin, AnomalibModule):
 
     Raises:
         ValueError: On a configuration that cannot work: unknown backbone or layers, not three
-            layers, an input size the token grid cannot take, or a stage without epochs.
+            layers, an input size the token grid cannot take, a stage without epochs, or a held-out
+            share outside (0, 1) for the stage-1 stop.
     """
 
     def __init__(
@@ -185,6 +186,8 @@ class Dadf(DadfExportMixin, AnomalibModule):
             if epochs < 1:
                 msg = f"{name} must be at least 1, got {epochs}: DADF trains both stages, each for at least one epoch."
                 raise ValueError(msg)
+        if reconstruction_patience is not None:
+            check_holdout(reconstruction_holdout)
         if flow_batch_size < 1:
             msg = f"flow_batch_size must be at least 1, got {flow_batch_size}."
             raise ValueError(msg)

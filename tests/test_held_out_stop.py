@@ -46,6 +46,12 @@ def test_held_out_images_refuse_what_cannot_be_split(paths: list[str], fraction:
         held_out_images(paths, fraction)
 
 
+def test_a_held_out_share_that_cannot_work_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"reconstruction_holdout must lie strictly between 0 and 1, got 1\.5"):
+        tiny_dadf(reconstruction_patience=3, reconstruction_holdout=1.5)
+    tiny_dadf(reconstruction_holdout=1.5)  # the share is unused without the stop
+
+
 def test_held_out_images_leave_stage_one_training_and_feed_its_loss() -> None:
     model = tiny_dadf(reconstruction_patience=1)
     model._held_out = frozenset({"b.png"})

@@ -4,7 +4,7 @@ the held-out stop of stage 1."""
 from .backbone import PriorScales, describe_prior, input_statistics, pretrained_features
 from .cache import FeatureCache, RunCache
 from .flow import DiscriminativeFlow
-from .held_out import Plateau, held_out_images
+from .held_out import Plateau, check_holdout, held_out_images
 from .transformer import DualAttention, DualAttentionBlock, DualAttentionTransformer
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Plateau",
     "PriorScales",
     "RunCache",
+    "check_holdout",
     "describe_prior",
     "held_out_images",
     "input_statistics",

@@ -21,15 +21,24 @@ import torch
 MIN_RELATIVE_IMPROVEMENT = 0.005
 
 
+def check_holdout(fraction: float) -> None:
+    """Refuse a held-out share that leaves nothing to hold out or nothing to train on.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1).
+    """
+    if not 0 < fraction < 1:
+        msg = f"reconstruction_holdout must lie strictly between 0 and 1, got {fraction}."
+        raise ValueError(msg)
+
+
 def held_out_images(paths: Iterable[str], fraction: float, seed: int = 0) -> frozenset[str]:
     """A fixed random ``fraction`` of ``paths`` (at least one image, never all), the same for a seed.
 
     Raises:
         ValueError: ``fraction`` outside (0, 1), or fewer than two images to split.
     """
-    if not 0 < fraction < 1:
-        msg = f"reconstruction_holdout must lie strictly between 0 and 1, got {fraction}."
-        raise ValueError(msg)
+    check_holdout(fraction)
     ordered = sorted(set(paths))
     if len(ordered) < 2:
         msg = (
