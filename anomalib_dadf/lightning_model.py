@@ -109,7 +109,8 @@ class Dadf(DadfExportMixin, AnomalibModule):
         flow_subnet (str): Coupling subnets: ``"depthwise"`` (DADF's depthwise + pointwise convolutions)
             or ``"conv"`` (FastFlow's two full convolutions, more capacity). Defaults to ``"depthwise"``.
         flow_inputs (Sequence[str]): Views the flows see; DADF uses ``("prior", "local", "global")``
-            (the default), a subset in that order is an ablation.
+            (the default), a subset in that order is an ablation. With ``("prior",)`` nothing scores through
+            the Transformer, so stage 1 is skipped and ``reconstruction_epochs`` is not used.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
             is set. Defaults to ``200``.
         reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
@@ -219,7 +220,9 @@ class Dadf(DadfExportMixin, AnomalibModule):
         self.loss = FlowLoss()
         # Saved with every checkpoint, so an export can tell a model whose flows never trained.
         self.register_buffer("flow_steps_trained", torch.zeros((), dtype=torch.long))
-        self.register_buffer("flow_start_epoch", torch.tensor(reconstruction_epochs, dtype=torch.long))
+        # A flow on the prior alone scores without the Transformer, so stage 1 would train nothing it uses.
+        self._reconstruction_stage_epochs = reconstruction_epochs if self.model.uses_reconstructions else 0
+        self.register_buffer("flow_start_epoch", torch.tensor(self._reconstruction_stage_epochs, dtype=torch.long))
 
     def _build_model(self, input_size: Sequence[int]) -> DadfModel:
         """Build the torch model without backbone weights.
@@ -374,7 +377,11 @@ class Dadf(DadfExportMixin, AnomalibModule):
             self._step(reconstruction_optimizer)
             images = len(priors[0])
         else:
-            views = self._cached("reconstructions", batch, lambda: self._reconstruct_without_gradients(priors))
+            views = (
+                self._cached("reconstructions", batch, lambda: self._reconstruct_without_gradients(priors))
+                if self.model.uses_reconstructions
+                else []
+            )
             loss = self.loss(*self.model.discriminate(priors, views[: len(priors)], views[len(priors) :]))
             self._stop_if_diverged("loss", loss)
             # Summed over images here and divided by their count at the step: the gradient of the mean over the
@@ -451,6 +458,8 @@ class Dadf(DadfExportMixin, AnomalibModule):
     def on_train_start(self) -> None:
         """Hold out stage 1's images when its stop is on; prepare the feature cache unless it is off or images are augmented."""
         self.on_train_end()
+        if not self.model.uses_reconstructions:
+            logger.info("DADF's flows see only the prior: stage 1 is skipped, the Transformer is neither trained nor run.")
         self._hold_out_images()
         if not self.hparams["cache_features"]:
             return
@@ -529,7 +538,7 @@ class Dadf(DadfExportMixin, AnomalibModule):
     def trainer_arguments(self) -> dict[str, Any]:
         """Run both stages; manual optimisation leaves no automatic gradient clipping."""
         return {
-            "max_epochs": self.reconstruction_epochs + self.flow_epochs,
+            "max_epochs": self._reconstruction_stage_epochs + self.flow_epochs,
             "gradient_clip_val": None,
             "num_sanity_val_steps": 0,
         }

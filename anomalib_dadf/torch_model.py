@@ -40,7 +40,7 @@ class DadfModel(nn.Module):
         flow_hidden_ratio: Channel multiplier of the coupling subnets' hidden layer.
         flow_subnet: Coupling subnets: ``"depthwise"`` (DADF's) or ``"conv"`` (FastFlow's full convolutions).
         flow_inputs: Views the flows see, a subset of ``("prior", "local", "global")`` in that order;
-            DADF uses all three, fewer are ablations.
+            DADF uses all three, fewer are ablations; with the prior alone the Transformer is never run.
 
     Raises:
         ValueError: Unknown, repeated or no flow inputs (besides the prior's and the grid's errors).
@@ -114,6 +114,11 @@ class DadfModel(nn.Module):
             raise ValueError(msg)
         return list(self.feature_extractor(images).values())
 
+    @property
+    def uses_reconstructions(self) -> bool:
+        """Whether the flows see a reconstruction; a flow on the prior alone never runs the Transformer."""
+        return self.flow_inputs != ("prior",)
+
     def reconstruct(self, priors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Local and global reconstructions of the priors."""
         return self.transformer(priors)
@@ -140,6 +145,7 @@ class DadfModel(nn.Module):
             InferenceBatch: ``anomaly_map`` ``(B, 1, H, W)`` and ``pred_score`` (the map's maximum).
         """
         priors = self.extract_priors(images)
-        latents, _ = self.discriminate(priors, *self.reconstruct(priors))
+        reconstructions = self.reconstruct(priors) if self.uses_reconstructions else ([], [])
+        latents, _ = self.discriminate(priors, *reconstructions)
         anomaly_map = self.anomaly_map_generator(latents)
         return InferenceBatch(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)

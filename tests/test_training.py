@@ -77,6 +77,33 @@ def test_stages_train_exactly_their_own_parameters(mvtec_root: Path, tmp_path: P
     assert not any(parameter.requires_grad for parameter in model_parts.feature_extractor.parameters())
 
 
+class Unusable(torch.nn.Module):
+    """Stands in for a part that must not run."""
+
+    def forward(self, *args: object) -> None:
+        del args
+        msg = "this part ran"
+        raise AssertionError(msg)
+
+
+def test_a_flow_on_the_prior_alone_neither_trains_nor_runs_the_transformer(mvtec_root: Path, tmp_path: Path) -> None:
+    model = tiny_dadf(reconstruction_epochs=3, flow_epochs=1, flow_inputs=["prior"])
+    assert model.trainer_arguments["max_epochs"] == 1
+    spy = EpochSnapshots()
+    Engine(default_root_dir=tmp_path, callbacks=[spy], accelerator="cpu", devices=1).fit(
+        model=model,
+        datamodule=datamodule(mvtec_root),
+    )
+    assert spy.stages == [Stage.FLOW]
+    start, _ = spy.snapshots
+    assert not changed(start["transformer"], model.model.transformer)
+    assert changed(start["flows"], model.model.flows)
+    model.model.transformer = Unusable()
+    output = model.model.eval()(torch.rand(2, 3, 64, 64))
+    assert output.anomaly_map.shape == (2, 1, 64, 64)
+    assert torch.isfinite(output.anomaly_map).all()
+
+
 def test_model_runs_the_sum_of_both_stages() -> None:
     model = tiny_dadf(reconstruction_epochs=3, flow_epochs=2)
     assert model.trainer_arguments["max_epochs"] == 5
