@@ -164,6 +164,18 @@ def test_a_model_whose_flows_never_trained_refuses_to_export(mvtec_root: Path, t
     assert not list((tmp_path / "export").rglob("model.*"))
 
 
+def test_a_flow_on_the_prior_alone_exports_without_the_transformer(trained, mvtec_root: Path, tmp_path: Path) -> None:
+    def transformer_weights(model: Dadf, name: str) -> list[str]:
+        graph = onnx.load(str(model.to_onnx(tmp_path / name))).graph
+        return [weight.name for weight in graph.initializer if "transformer" in weight.name]
+
+    assert transformer_weights(trained.model, "three_views"), "the paper's views score through the Transformer"
+    prior_only = Dadf(**TINY_MODEL, flow_epochs=1, flow_inputs=["prior"], pre_processor=small_pre_processor())
+    datamodule = MVTec(root=mvtec_root, category="widget", train_batch_size=4, num_workers=0)
+    Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1).fit(model=prior_only, datamodule=datamodule)
+    assert not transformer_weights(prior_only.eval(), "prior_only")
+
+
 def test_checkpoints_from_before_the_counter_still_load_and_export(trained, tmp_path: Path) -> None:
     checkpoint = torch.load(trained.checkpoint, weights_only=False)
     assert int(checkpoint["state_dict"].pop("flow_steps_trained")) > 0
