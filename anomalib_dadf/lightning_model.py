@@ -220,9 +220,12 @@ class Dadf(DadfExportMixin, AnomalibModule):
         self.loss = FlowLoss()
         # Saved with every checkpoint, so an export can tell a model whose flows never trained.
         self.register_buffer("flow_steps_trained", torch.zeros((), dtype=torch.long))
-        # A flow on the prior alone scores without the Transformer, so stage 1 would train nothing it uses.
-        self._reconstruction_stage_epochs = reconstruction_epochs if self.model.uses_reconstructions else 0
         self.register_buffer("flow_start_epoch", torch.tensor(self._reconstruction_stage_epochs, dtype=torch.long))
+
+    @property
+    def _reconstruction_stage_epochs(self) -> int:
+        """Planned epochs of stage 1: none when the flows see only the prior, since nothing they score with is trained there."""
+        return self.reconstruction_epochs if self.model.uses_reconstructions else 0
 
     def _build_model(self, input_size: Sequence[int]) -> DadfModel:
         """Build the torch model without backbone weights.
