@@ -54,7 +54,7 @@ from .torch_model import DadfModel
 
 logger = logging.getLogger(__name__)
 
-# Arguments that shape the network, and so must match a checkpoint's weights.
+# Arguments that shape the network or its scores, and so must match a checkpoint's weights and thresholds.
 ARCHITECTURE = (
     "backbone",
     "layers",
@@ -67,6 +67,7 @@ ARCHITECTURE = (
     "flow_hidden_ratio",
     "flow_subnet",
     "flow_inputs",
+    "anomaly_map",
 )
 
 
@@ -111,6 +112,9 @@ class Dadf(DadfExportMixin, AnomalibModule):
         flow_inputs (Sequence[str]): Views the flows see; DADF uses ``("prior", "local", "global")``
             (the default), a subset in that order is an ablation. With ``("prior",)`` nothing scores through
             the Transformer, so stage 1 is skipped and ``reconstruction_epochs`` is not used.
+        anomaly_map (str): ``"probability"`` (the paper's and FastFlow's map: the flows' negative
+            probability, which saturates at 0 on strong evidence) or ``"log_likelihood"`` (their negative
+            log-likelihood, unbounded). Defaults to ``"probability"``.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
             is set. Defaults to ``200``.
         reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
@@ -162,6 +166,7 @@ class Dadf(DadfExportMixin, AnomalibModule):
         flow_hidden_ratio: int = 1,
         flow_subnet: str = "depthwise",
         flow_inputs: Sequence[str] = ("prior", "local", "global"),
+        anomaly_map: str = "probability",
         reconstruction_epochs: int = 200,
         reconstruction_patience: int | None = None,
         reconstruction_holdout: float = 0.1,

@@ -41,9 +41,12 @@ class DadfModel(nn.Module):
         flow_subnet: Coupling subnets: ``"depthwise"`` (DADF's) or ``"conv"`` (FastFlow's full convolutions).
         flow_inputs: Views the flows see, a subset of ``("prior", "local", "global")`` in that order;
             DADF uses all three, fewer are ablations; with the prior alone the Transformer is never run.
+        anomaly_map: ``"probability"`` (the paper's negative-probability map) or ``"log_likelihood"``
+            (see :mod:`anomalib_dadf.anomaly_map`).
 
     Raises:
-        ValueError: Unknown, repeated or no flow inputs (besides the prior's and the grid's errors).
+        ValueError: Unknown, repeated or no flow inputs, or an unknown anomaly map (besides the prior's
+            and the grid's errors).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class DadfModel(nn.Module):
         flow_hidden_ratio: int = 1,
         flow_subnet: str = "depthwise",
         flow_inputs: Sequence[str] = FLOW_VIEWS,
+        anomaly_map: str = "probability",
     ) -> None:
         super().__init__()
         self.flow_inputs = tuple(flow_inputs)
@@ -96,7 +100,7 @@ class DadfModel(nn.Module):
             )
             for shape in scales.feature_shapes(self.input_size)
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.input_size)
+        self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.input_size, kind=anomaly_map)
 
     def extract_priors(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen multi-scale features of normalised images, finest first.

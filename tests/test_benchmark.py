@@ -28,6 +28,9 @@ def test_fastflow_runs_its_cnn_path_on_another_timm_backbone() -> None:
     assert channels == [24, 40, 112], "Lite0's maps at strides 4, 8, 16"
     output = model.model(torch.rand(1, 3, 256, 256))
     assert output.anomaly_map.shape == (1, 1, 256, 256)
+    assert output.anomaly_map.max() <= 0, "anomalib's negative-probability map"
+    log_likelihood = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2, anomaly_map="log_likelihood")
+    assert log_likelihood.eval().model(torch.rand(1, 3, 256, 256)).anomaly_map.min() > 0
 
 
 def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:

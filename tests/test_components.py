@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from anomalib_dadf.anomaly_map import AnomalyMapGenerator
 from anomalib_dadf.components import DiscriminativeFlow, DualAttention, DualAttentionTransformer, describe_prior
 from anomalib_dadf.torch_model import DadfModel
 
@@ -188,3 +189,29 @@ def test_flow_inputs_select_the_views_the_flows_see(flow_inputs: list[str], view
 def test_bad_flow_inputs_are_named(flow_inputs: list[str]) -> None:
     with pytest.raises(ValueError, match="flow_inputs must be a non-empty subset"):
         DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, flow_inputs=flow_inputs)
+
+
+def test_the_log_likelihood_map_lets_one_scale_dominate_where_probability_saturates() -> None:
+    normal, faint, strong = torch.ones(1, 4, 8, 8), torch.full((1, 4, 4, 4), 2.0), torch.full((1, 4, 4, 4), 6.0)
+    probability, log_likelihood = AnomalyMapGenerator((8, 8)), AnomalyMapGenerator((8, 8), kind="log_likelihood")
+    # Negative log-likelihood 0.5 * mean(z^2) per scale, averaged over the scales.
+    assert torch.allclose(log_likelihood([normal, strong]), torch.full((1, 1, 8, 8), (0.5 + 18.0) / 2))
+    assert torch.allclose(probability([normal, strong]), probability([normal, strong * 10]), atol=1e-6), "saturated"
+    assert log_likelihood([normal, strong * 10]).amax() > 10 * log_likelihood([normal, strong]).amax()
+    # Both keep the order of unsaturated evidence.
+    assert probability([normal, faint]).amax() < probability([normal, strong]).amax()
+
+
+def test_the_model_scores_with_the_map_it_was_given() -> None:
+    arguments = {"input_size": (64, 64), "backbone": "resnet18", "pre_trained": False, "embed_dim": 8, "depth": 1,
+                 "num_heads": 2, "flow_steps": 2, "flow_inputs": ["prior"]}
+    torch.manual_seed(0)
+    paper = DadfModel(**arguments).eval()
+    log_likelihood = DadfModel(**arguments, anomaly_map="log_likelihood").eval()
+    log_likelihood.load_state_dict(paper.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    probability_map, log_likelihood_map = paper(images).anomaly_map, log_likelihood(images).anomaly_map
+    assert probability_map.max() <= 0 < log_likelihood_map.min()
+    assert torch.equal(log_likelihood(images).pred_score, log_likelihood_map.amax(dim=(-2, -1)))
+    with pytest.raises(ValueError, match="Unknown anomaly map 'energy': choose one of"):
+        DadfModel(**arguments, anomaly_map="energy")

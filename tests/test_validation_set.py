@@ -38,3 +38,32 @@ def test_held_out_training_images_and_their_anomalous_copies(mvtec_root: Path, t
 def test_a_holdout_that_leaves_one_side_empty_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Cannot hold out 20% of 2 images"):
         make_validation_set([tmp_path / "a.png", tmp_path / "b.png"], tmp_path / "out")
+
+
+def test_crack_copies_are_thin_dark_lines_and_leave_the_perlin_copies_as_they_were(mvtec_root: Path, tmp_path: Path) -> None:
+    sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    perlin_only = make_validation_set(sources, tmp_path / "perlin", holdout=0.25, seed=1) / "validation"
+    both = make_validation_set(sources, tmp_path / "both", holdout=0.25, seed=1, anomalies=("perlin", "crack")) / "validation"
+
+    def pixels(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path), dtype=float)
+
+    perlin = sorted((perlin_only / "test/perlin").glob("*.png"))
+    assert all(np.array_equal(pixels(path), pixels(both / "test/perlin" / path.name)) for path in perlin)
+    cracks = sorted((both / "test/crack").glob("*.png"))
+    assert [path.name for path in cracks] == [path.name for path in perlin]
+    for crack in cracks:
+        normal = pixels(both / "test/good" / crack.name)
+        mask = pixels(both / "ground_truth/crack" / crack.name.replace(".png", "_mask.png")) > 0
+        assert 0 < mask.mean() < 0.05, "a thin line, not a blob"
+        darkening = normal - pixels(crack)
+        assert darkening[mask].mean() > 10 * np.abs(darkening[~mask]).mean() + 1, "darker inside its mask only"
+    datamodule = MVTec(root=tmp_path / "both", category="validation", num_workers=0, val_split_mode="none")
+    datamodule.setup()
+    assert sorted(datamodule.test_data.samples["label_index"]) == [0, 0, 1, 1, 1, 1]
+
+
+def test_an_unknown_anomaly_kind_is_named(mvtec_root: Path, tmp_path: Path) -> None:
+    sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    with pytest.raises(ValueError, match=r"anomalies must be some of \['perlin', 'crack'\]"):
+        make_validation_set(sources, tmp_path / "out", anomalies=("scratch",))

@@ -3,13 +3,16 @@
 anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path (timm
 ``features_only`` maps at ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is
 generic. ``TimmFastflow`` routes another timm CNN through exactly that path; the benchmark table
-names the model ``TimmFastflow`` wherever it does so.
+names the model ``TimmFastflow`` wherever it does so. It also takes DADF's choice of anomaly map, so
+that a scoring that DADF is tuned over is open to FastFlow too.
 """
 
 import timm
 from anomalib.models import Fastflow
 from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
 from torch import nn
+
+from anomalib_dadf.anomaly_map import AnomalyMapGenerator
 
 CNN_OUT_INDICES = [1, 2, 3]
 
@@ -64,6 +67,7 @@ class TimmFastflow(Fastflow):
         flow_steps: int = 8,
         conv3x3_only: bool = False,
         hidden_ratio: float = 1.0,
+        anomaly_map: str = "probability",
         **kwargs,
     ) -> None:
         super().__init__(
@@ -83,3 +87,4 @@ class TimmFastflow(Fastflow):
             conv3x3_only=conv3x3_only,
             hidden_ratio=hidden_ratio,
         )
+        self.model.anomaly_map_generator = AnomalyMapGenerator(self.input_size, kind=anomaly_map)

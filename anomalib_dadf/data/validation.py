@@ -1,4 +1,4 @@
-"""Validation sets for tuning, made from training images only: held-out normals and Perlin-noise copies.
+"""Validation sets for tuning, made from training images only: held-out normals and anomalous copies.
 
 anomalib's synthetic validation split blends its Perlin-noise anomalies into the image at 1-20 %
 opacity, too faint on our data sets to rank configurations. This writes an MVTec AD-layout category
@@ -7,7 +7,10 @@ from a list of *training* images instead, with visible anomalies:
 - ``train/good``: the training images that are not held out;
 - ``test/good``: the held-out training images;
 - ``test/perlin`` and ``ground_truth/perlin``: a copy of each held-out image with anomalib's
-  ``PerlinAnomalyGenerator`` anomaly, blended at ``blend`` opacity, and its mask.
+  ``PerlinAnomalyGenerator`` anomaly, blended at ``blend`` opacity, and its mask;
+- ``test/crack`` and ``ground_truth/crack`` (when asked for): a copy of each held-out image with a
+  thin, dark, branching crack, the defect that electroluminescence images of solar cells show most.
+  Perlin blobs are large and soft; a model can rank them well and still miss hairline cracks.
 
 Its "test" split is a validation split: no test image of the source data set is read, so selecting a
 configuration on it is not tuning on test data. Load it with ``anomalib_dadf.data.MVTec(root=ROOT,
@@ -16,6 +19,7 @@ category="validation")``.
 Example:
     python -m anomalib_dadf.data.validation datasets/tuning/brick --images datasets/benchmark/textures/brick/train/good
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono --elpv mono
+    python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_cracks --elpv mono --anomalies perlin crack
 """
 
 import argparse
@@ -25,9 +29,53 @@ from pathlib import Path
 import numpy as np
 import torch
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from .elpv import elpv_root, make_elpv_dataset
+
+ANOMALIES = ("perlin", "crack")
+
+
+def _walk(rng: np.random.Generator, point: np.ndarray, heading: float, length: float, side: int) -> list[tuple]:
+    """Points of a random walk of ``length`` pixels in steps of 2-5 % of ``side``, bending up to 25 degrees a step."""
+    points = [tuple(point)]
+    while length > 0:
+        step = rng.uniform(0.02, 0.05) * side
+        heading += rng.uniform(-1, 1) * np.radians(25)
+        point = point + step * np.array([np.cos(heading), np.sin(heading)])
+        points.append(tuple(point))
+        length -= step
+    return points
+
+
+def draw_crack(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """A thin dark crack drawn into ``image``: a bent walk over 15-50 % of its side, with up to two branches.
+
+    Lines are 1-3 pixels wide at the image's own resolution and darken what they cross by 40-90 %.
+
+    Returns:
+        tuple[Image.Image, np.ndarray]: The cracked copy and its boolean mask.
+    """
+    side = min(image.size)
+    heading = rng.uniform(0, 2 * np.pi)
+    trunk = _walk(rng, rng.uniform(0.2, 0.8, 2) * image.size, heading, rng.uniform(0.15, 0.5) * side, side)
+    branches = [
+        _walk(
+            rng,
+            np.array(trunk[int(rng.integers(len(trunk)))]),
+            heading + rng.choice([-1, 1]) * rng.uniform(np.pi / 6, np.pi / 2),
+            rng.uniform(0.08, 0.25) * side,
+            side,
+        )
+        for _ in range(int(rng.integers(0, 3)))
+    ]
+    lines = Image.new("L", image.size)
+    draw, width = ImageDraw.Draw(lines), int(rng.integers(1, 4))
+    for walk in (trunk, *branches):
+        draw.line(walk, fill=255, width=width, joint="curve")
+    shade = np.asarray(lines.filter(ImageFilter.GaussianBlur(0.5)), dtype=np.float32)[..., None] / 255
+    pixels = np.asarray(image, dtype=np.float32) * (1 - rng.uniform(0.4, 0.9) * shade)
+    return Image.fromarray(pixels.round().astype(np.uint8)), np.asarray(lines) > 0
 
 
 def make_validation_set(
@@ -37,6 +85,7 @@ def make_validation_set(
     holdout: float = 0.2,
     blend: tuple[float, float] = (0.5, 1.0),
     seed: int = 0,
+    anomalies: Sequence[str] = ("perlin",),
 ) -> Path:
     """Write a tuning set from training images (see the module docstring).
 
@@ -47,13 +96,19 @@ def make_validation_set(
         holdout: Share of the images held out as validation normals (each also gets an anomalous copy).
         blend: Range of the anomalies' opacity (anomalib's validation split uses 0.01 to 0.2).
         seed: Seed of the hold-out draw and the anomalies.
+        anomalies: Kinds of anomalous copies, each its own defect folder: ``"perlin"``, ``"crack"``.
+            Each kind draws from its own random stream, so adding one leaves the others as they were.
 
     Returns:
         Path: ``root``, to pass as the data module's root.
 
     Raises:
-        ValueError: Fewer than two images, or a hold-out share that leaves no image on one side.
+        ValueError: Fewer than two images, a hold-out share that leaves no image on one side, or an
+            unknown or missing anomaly kind.
     """
+    if not anomalies or not set(anomalies) <= set(ANOMALIES):
+        msg = f"anomalies must be some of {list(ANOMALIES)}, got {list(anomalies)}."
+        raise ValueError(msg)
     images = sorted(Path(image) for image in images)
     held_out = round(holdout * len(images))
     if not 0 < held_out < len(images):
@@ -62,10 +117,11 @@ def make_validation_set(
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
     base = root / category
-    for folder in ("train/good", "test/good", "test/perlin", "ground_truth/perlin"):
+    for folder in ("train/good", "test/good", *(f"{split}/{kind}" for kind in anomalies for split in ("test", "ground_truth"))):
         (base / folder).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=blend)
+    crack_rng = np.random.default_rng([seed, 1])
     for rank, index in enumerate(order):
         image = Image.open(images[index]).convert("RGB")
         name = f"{rank:04d}.png"
@@ -73,14 +129,16 @@ def make_validation_set(
             image.save(base / "train/good" / name)
             continue
         image.save(base / "test/good" / name)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-        anomalous, mask = generator(pixels)
-        Image.fromarray((anomalous.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(
-            base / "test/perlin" / name,
-        )
-        Image.fromarray((mask[0].numpy() > 0).astype(np.uint8) * 255).save(
-            base / "ground_truth/perlin" / name.replace(".png", "_mask.png"),
-        )
+        for kind in anomalies:
+            if kind == "perlin":
+                pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+                anomalous, mask = generator(pixels)
+                anomalous = Image.fromarray((anomalous.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+                mask = mask[0].numpy() > 0
+            else:
+                anomalous, mask = draw_crack(image, crack_rng)
+            anomalous.save(base / "test" / kind / name)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(base / "ground_truth" / kind / name.replace(".png", "_mask.png"))
     return root
 
 
@@ -93,13 +151,14 @@ def main() -> None:
     source.add_argument("--elpv", choices=["mono", "poly"], help="the training cells of this ELPV category")
     parser.add_argument("--holdout", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--anomalies", nargs="+", choices=ANOMALIES, default=["perlin"], help="kinds of anomalous copies")
     arguments = parser.parse_args()
     if arguments.images is not None:
         images = sorted(arguments.images.glob("*.png"))
     else:
         samples = make_elpv_dataset(elpv_root(), arguments.elpv)
         images = [Path(path) for path in samples.loc[samples["split"] == "train", "image_path"]]
-    make_validation_set(images, arguments.root, holdout=arguments.holdout, seed=arguments.seed)
+    make_validation_set(images, arguments.root, holdout=arguments.holdout, seed=arguments.seed, anomalies=arguments.anomalies)
     print(f"Wrote {arguments.root / 'validation'}")
 
 
