@@ -67,3 +67,19 @@ def test_an_unknown_anomaly_kind_is_named(mvtec_root: Path, tmp_path: Path) -> N
     sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
     with pytest.raises(ValueError, match=r"anomalies must be some of \['perlin', 'crack'\]"):
         make_validation_set(sources, tmp_path / "out", anomalies=("scratch",))
+
+
+def test_fainter_cracks_have_the_same_shapes_and_darken_less(mvtec_root: Path, tmp_path: Path) -> None:
+    sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    sets = {
+        name: make_validation_set(sources, tmp_path / name, holdout=0.25, seed=1, anomalies=("crack",), crack_darkening=darkening)
+        / "validation"
+        for name, darkening in (("plain", (0.4, 0.9)), ("faint", (0.1, 0.4)))
+    }
+    for crack in sorted((sets["plain"] / "test/crack").glob("*.png")):
+        mask_name = crack.name.replace(".png", "_mask.png")
+        masks = [np.asarray(Image.open(base / "ground_truth/crack" / mask_name)) for base in sets.values()]
+        assert np.array_equal(*masks)
+        normal = np.asarray(Image.open(sets["plain"] / "test/good" / crack.name), dtype=float)
+        plain, faint = (normal - np.asarray(Image.open(base / "test/crack" / crack.name), dtype=float) for base in sets.values())
+        assert 0 < faint[masks[0] > 0].mean() < plain[masks[0] > 0].mean()

@@ -20,6 +20,8 @@ Example:
     python -m anomalib_dadf.data.validation datasets/tuning/brick --images datasets/benchmark/textures/brick/train/good
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono --elpv mono
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_cracks --elpv mono --anomalies perlin crack
+    python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_faint_cracks --elpv mono --anomalies perlin crack \
+        --crack-darkening 0.1 0.4
 """
 
 import argparse
@@ -48,10 +50,16 @@ def _walk(rng: np.random.Generator, point: np.ndarray, heading: float, length: f
     return points
 
 
-def draw_crack(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+def draw_crack(
+    image: Image.Image,
+    rng: np.random.Generator,
+    darkening: tuple[float, float] = (0.4, 0.9),
+) -> tuple[Image.Image, np.ndarray]:
     """A thin dark crack drawn into ``image``: a bent walk over 15-50 % of its side, with up to two branches.
 
-    Lines are 1-3 pixels wide at the image's own resolution and darken what they cross by 40-90 %.
+    Lines are 1-3 pixels wide at the image's own resolution and darken what they cross by a share drawn
+    from ``darkening``. The shape does not depend on ``darkening``: the same generator state gives the
+    same crack, fainter or plainer.
 
     Returns:
         tuple[Image.Image, np.ndarray]: The cracked copy and its boolean mask.
@@ -74,7 +82,7 @@ def draw_crack(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Imag
     for walk in (trunk, *branches):
         draw.line(walk, fill=255, width=width, joint="curve")
     shade = np.asarray(lines.filter(ImageFilter.GaussianBlur(0.5)), dtype=np.float32)[..., None] / 255
-    pixels = np.asarray(image, dtype=np.float32) * (1 - rng.uniform(0.4, 0.9) * shade)
+    pixels = np.asarray(image, dtype=np.float32) * (1 - rng.uniform(*darkening) * shade)
     return Image.fromarray(pixels.round().astype(np.uint8)), np.asarray(lines) > 0
 
 
@@ -86,6 +94,7 @@ def make_validation_set(
     blend: tuple[float, float] = (0.5, 1.0),
     seed: int = 0,
     anomalies: Sequence[str] = ("perlin",),
+    crack_darkening: tuple[float, float] = (0.4, 0.9),
 ) -> Path:
     """Write a tuning set from training images (see the module docstring).
 
@@ -98,6 +107,7 @@ def make_validation_set(
         seed: Seed of the hold-out draw and the anomalies.
         anomalies: Kinds of anomalous copies, each its own defect folder: ``"perlin"``, ``"crack"``.
             Each kind draws from its own random stream, so adding one leaves the others as they were.
+        crack_darkening: Range of the share by which a crack darkens what it crosses.
 
     Returns:
         Path: ``root``, to pass as the data module's root.
@@ -136,7 +146,7 @@ def make_validation_set(
                 anomalous = Image.fromarray((anomalous.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))
                 mask = mask[0].numpy() > 0
             else:
-                anomalous, mask = draw_crack(image, crack_rng)
+                anomalous, mask = draw_crack(image, crack_rng, crack_darkening)
             anomalous.save(base / "test" / kind / name)
             Image.fromarray(mask.astype(np.uint8) * 255).save(base / "ground_truth" / kind / name.replace(".png", "_mask.png"))
     return root
@@ -152,13 +162,24 @@ def main() -> None:
     parser.add_argument("--holdout", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--anomalies", nargs="+", choices=ANOMALIES, default=["perlin"], help="kinds of anomalous copies")
+    parser.add_argument(
+        "--crack-darkening", nargs=2, type=float, default=[0.4, 0.9], metavar=("LOW", "HIGH"),
+        help="range of the share by which cracks darken the cell",
+    )
     arguments = parser.parse_args()
     if arguments.images is not None:
         images = sorted(arguments.images.glob("*.png"))
     else:
         samples = make_elpv_dataset(elpv_root(), arguments.elpv)
         images = [Path(path) for path in samples.loc[samples["split"] == "train", "image_path"]]
-    make_validation_set(images, arguments.root, holdout=arguments.holdout, seed=arguments.seed, anomalies=arguments.anomalies)
+    make_validation_set(
+        images,
+        arguments.root,
+        holdout=arguments.holdout,
+        seed=arguments.seed,
+        anomalies=arguments.anomalies,
+        crack_darkening=tuple(arguments.crack_darkening),
+    )
     print(f"Wrote {arguments.root / 'validation'}")
 
 
