@@ -93,8 +93,7 @@ def main() -> None:
     lines = [
         f"# Feature cache (`python benchmarks/cache_speedup.py {command}`)",
         "",
-        "Fit of `configs/quickstart.yaml` (DADF, flow on prior, ELPV mono: 318 training cells, 128x128, 15 flow epochs,",
-        "batch 16),",
+        "Fit of `configs/quickstart.yaml` (data, input size, epochs and batch as that file sets them),",
         (
             f"{arguments.rounds} round(s) interleaved, each fit in a fresh process; {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores; {arguments.note}. Losses: the last epoch's mean of each stage."
