@@ -65,7 +65,7 @@ def test_crack_copies_are_thin_dark_lines_and_leave_the_perlin_copies_as_they_we
 
 def test_an_unknown_anomaly_kind_is_named(mvtec_root: Path, tmp_path: Path) -> None:
     sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
-    with pytest.raises(ValueError, match=r"anomalies must be some of \['perlin', 'crack'\]"):
+    with pytest.raises(ValueError, match=r"anomalies must be some of \['perlin', 'crack', 'cutpaste'\]"):
         make_validation_set(sources, tmp_path / "out", anomalies=("scratch",))
 
 
@@ -83,3 +83,26 @@ def test_fainter_cracks_have_the_same_shapes_and_darken_less(mvtec_root: Path, t
         normal = np.asarray(Image.open(sets["plain"] / "test/good" / crack.name), dtype=float)
         plain, faint = (normal - np.asarray(Image.open(base / "test/crack" / crack.name), dtype=float) for base in sets.values())
         assert 0 < faint[masks[0] > 0].mean() < plain[masks[0] > 0].mean()
+
+
+def test_cutpaste_copies_carry_a_rectangle_of_another_held_out_image(mvtec_root: Path, tmp_path: Path) -> None:
+    sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    base = make_validation_set(sources, tmp_path / "paste", holdout=0.25, seed=1, anomalies=("cutpaste",)) / "validation"
+    good = {path.name: np.asarray(Image.open(path)) for path in sorted((base / "test/good").glob("*.png"))}
+    pasted = sorted((base / "test/cutpaste").glob("*.png"))
+    assert sorted(path.name for path in pasted) == sorted(good)
+    for path in pasted:
+        image = np.asarray(Image.open(path))
+        mask = np.asarray(Image.open(base / "ground_truth/cutpaste" / path.name.replace(".png", "_mask.png"))) > 0
+        rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        assert mask.sum() == rows.size * columns.size, "the mask is one rectangle"
+        assert 0.1 * 0.1 <= mask.mean() <= 0.3 * 0.3 + 0.02
+        assert np.array_equal(image[~mask], good[path.name][~mask]), "nothing outside the rectangle changes"
+        patch = image[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+        donors = [name for name, normal in good.items() if name != path.name and _contains(normal, patch)]
+        assert donors, "the patch is cut from another held-out image"
+
+
+def _contains(image: np.ndarray, patch: np.ndarray) -> bool:
+    windows = np.lib.stride_tricks.sliding_window_view(image, patch.shape)
+    return bool((windows == patch).all(axis=tuple(range(-patch.ndim, 0))).any())

@@ -11,6 +11,11 @@ from a list of *training* images instead, with visible anomalies:
 - ``test/crack`` and ``ground_truth/crack`` (when asked for): a copy of each held-out image with a
   thin, dark, branching crack, the defect that electroluminescence images of solar cells show most.
   Perlin blobs are large and soft; a model can rank them well and still miss hairline cracks.
+- ``test/cutpaste`` and ``ground_truth/cutpaste`` (when asked for): a copy of each held-out image with a
+  rectangle cut from another held-out image, at another place, pasted in (after CutPaste, Li et al.,
+  CVPR 2021). The patch is real normal content, so nothing about it is foreign but its brightness
+  and where its structure (busbars, fingers, texture) lies: closer to ELPV's dark inactive regions
+  and misplaced parts than colourful noise or a drawn line.
 
 Its "test" split is a validation split: no test image of the source data set is read, so selecting a
 configuration on it is not tuning on test data. Load it with ``anomalib_dadf.data.MVTec(root=ROOT,
@@ -22,6 +27,7 @@ Example:
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_cracks --elpv mono --anomalies perlin crack
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_faint_cracks --elpv mono --anomalies perlin crack \
         --crack-darkening 0.1 0.4
+    python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_cutpaste --elpv mono --anomalies cutpaste
 """
 
 import argparse
@@ -35,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .elpv import elpv_root, make_elpv_dataset
 
-ANOMALIES = ("perlin", "crack")
+ANOMALIES = ("perlin", "crack", "cutpaste")
 
 
 def _walk(rng: np.random.Generator, point: np.ndarray, heading: float, length: float, side: int) -> list[tuple]:
@@ -86,6 +92,24 @@ def draw_crack(
     return Image.fromarray(pixels.round().astype(np.uint8)), np.asarray(lines) > 0
 
 
+def paste_patch(image: Image.Image, donor: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """A rectangle of ``donor``, 10-30 % of the side each way, pasted into ``image`` at another random place.
+
+    Returns:
+        tuple[Image.Image, np.ndarray]: The pasted copy and its boolean mask (the rectangle).
+    """
+    width, height = (max(1, round(rng.uniform(0.1, 0.3) * min(image.size))) for _ in range(2))
+    source, target = (
+        (int(rng.integers(0, picture.width - width + 1)), int(rng.integers(0, picture.height - height + 1)))
+        for picture in (donor, image)
+    )
+    pasted = image.copy()
+    pasted.paste(donor.crop((*source, source[0] + width, source[1] + height)), target)
+    mask = np.zeros((image.height, image.width), dtype=bool)
+    mask[target[1] : target[1] + height, target[0] : target[0] + width] = True
+    return pasted, mask
+
+
 def make_validation_set(
     images: Sequence[Path],
     root: Path,
@@ -105,7 +129,8 @@ def make_validation_set(
         holdout: Share of the images held out as validation normals (each also gets an anomalous copy).
         blend: Range of the anomalies' opacity (anomalib's validation split uses 0.01 to 0.2).
         seed: Seed of the hold-out draw and the anomalies.
-        anomalies: Kinds of anomalous copies, each its own defect folder: ``"perlin"``, ``"crack"``.
+        anomalies: Kinds of anomalous copies, each its own defect folder: ``"perlin"``, ``"crack"``,
+            ``"cutpaste"`` (its patch comes from the next held-out image, or the same one when only one is).
             Each kind draws from its own random stream, so adding one leaves the others as they were.
         crack_darkening: Range of the share by which a crack darkens what it crosses.
 
@@ -131,7 +156,7 @@ def make_validation_set(
         (base / folder).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=blend)
-    crack_rng = np.random.default_rng([seed, 1])
+    crack_rng, paste_rng = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
     for rank, index in enumerate(order):
         image = Image.open(images[index]).convert("RGB")
         name = f"{rank:04d}.png"
@@ -145,8 +170,11 @@ def make_validation_set(
                 anomalous, mask = generator(pixels)
                 anomalous = Image.fromarray((anomalous.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8))
                 mask = mask[0].numpy() > 0
-            else:
+            elif kind == "crack":
                 anomalous, mask = draw_crack(image, crack_rng, crack_darkening)
+            else:
+                donor = Image.open(images[order[(rank + 1) % held_out]]).convert("RGB")
+                anomalous, mask = paste_patch(image, donor, paste_rng)
             anomalous.save(base / "test" / kind / name)
             Image.fromarray(mask.astype(np.uint8) * 255).save(base / "ground_truth" / kind / name.replace(".png", "_mask.png"))
     return root
