@@ -65,9 +65,12 @@ def shared_evaluator(datamodule: AnomalibDataModule) -> FieldAwareEvaluator:
     return FieldAwareEvaluator(test_metrics=metrics)
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Fit and test one model on one data set; meant to run in a fresh process."""
-    seed_everything(spec["seed"])
+def build(spec: dict[str, Any]) -> tuple[AnomalibDataModule, AnomalibModule, dict[str, Any]]:
+    """The data module, the model (with the run's shared pre-processing and evaluator) and trainer arguments of a spec.
+
+    Raises:
+        TypeError: The model's class is not an anomalib model.
+    """
     datamodule_class = import_class(spec["data"]["class_path"])
     datamodule: AnomalibDataModule = datamodule_class(**spec["data"].get("init_args", {}))
     model_class = import_class(spec["model"]["class_path"])
@@ -84,6 +87,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         visualizer=False,
     )
     trainer_arguments = {"max_epochs": spec["model"]["max_epochs"]} if "max_epochs" in spec["model"] else {}
+    return datamodule, model, trainer_arguments
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fit and test one model on one data set; meant to run in a fresh process."""
+    seed_everything(spec["seed"])
+    datamodule, model, trainer_arguments = build(spec)
     with tempfile.TemporaryDirectory() as scratch:
         engine = Engine(
             accelerator=spec["accelerator"], devices=1, default_root_dir=scratch, logger=False, **trainer_arguments,
