@@ -4,9 +4,12 @@ The image score of DADF and FastFlow is the maximum of the anomaly map; PatchCor
 nearest-neighbour distance, and its map is blurred. This fits models of a benchmark config on one data
 set (seed 0, the benchmark's own input size and pre-processing), predicts the test set, and reports
 per model: the image AUROC of the model's own score and of its map's maximum; the share of normal and
-of anomalous images whose map peaks in the border band (the outer ``--margin`` of each side); and the
-AUROC of the map's maximum inside or outside the band only. It reads test data and chooses nothing: it
-says where a model's false alarms lie.
+of anomalous images whose map peaks in the border band (the outer ``--margin`` of each side); the
+AUROC of the map's maximum inside or outside the band only; and the AUROC of the maximum after each
+position of the map is standardised by the mean and spread of the held-out normal cells' maps there
+(the validation split's normal images, never fitted on). It reads test data and chooses nothing: it
+says where a model's false alarms lie, and whether calibrating positions would remove them.
+Maps and scores are the models' raw outputs, before anomalib's post-processor.
 
     HF_HUB_OFFLINE=1 python benchmarks/score_locations.py --config configs/benchmark.yaml --data 'ELPV mono' \\
         --models 'DADF, flow on prior' 'PatchCore (coreset 0.01)'   # writes benchmarks/results/score_locations.md
@@ -16,6 +19,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from anomalib.engine import Engine
@@ -34,10 +38,12 @@ def peaks(spec: dict, margin: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
         engine = Engine(accelerator="cpu", devices=1, default_root_dir=scratch, logger=False, **trainer_arguments)
         engine.fit(model=model, datamodule=datamodule)
-        batches = engine.predict(model=model, dataloaders=datamodule.test_dataloader())
-    maps = torch.cat([batch.anomaly_map.reshape(len(batch.gt_label), *batch.anomaly_map.shape[-2:]) for batch in batches])
-    labels = torch.cat([batch.gt_label for batch in batches]).bool().numpy()
-    scores = torch.cat([batch.pred_score for batch in batches]).numpy()
+        # Raw maps: min-max normalisation clamps at 0 and 1, and a clamped plateau would move argmax to its first pixel.
+        model.post_processor.enable_normalization = model.post_processor.enable_thresholding = False
+        maps, labels, scores = collect(engine.predict(model=model, dataloaders=datamodule.test_dataloader()))
+        held_out, held_out_labels, _ = collect(engine.predict(model=model, dataloaders=datamodule.val_dataloader()))
+    held_out_normal = held_out[~held_out_labels]
+    z_scores = (maps - held_out_normal.mean(dim=0)) / held_out_normal.std(dim=0).clamp_min(1e-6)
     height, width = maps.shape[-2:]
     band = torch.ones(height, width, dtype=torch.bool)
     rows, columns = round(margin * height), round(margin * width)
@@ -52,8 +58,16 @@ def peaks(spec: dict, margin: float) -> dict[str, float]:
         "anomalous peaks in band": at_border[labels].mean(),
         "AUROC, max in band": roc_auc_score(labels, in_band.max(dim=1).values.numpy()),
         "AUROC, max off band": roc_auc_score(labels, off_band.max(dim=1).values.numpy()),
+        "AUROC, max of per-position z-scores": roc_auc_score(labels, z_scores.flatten(1).max(dim=1).values.numpy()),
         "band share of pixels": band.float().mean().item(),
     }
+
+
+def collect(batches: list) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Anomaly maps (images x height x width), labels and image scores of predicted batches."""
+    maps = torch.cat([batch.anomaly_map.reshape(len(batch.gt_label), *batch.anomaly_map.shape[-2:]) for batch in batches])
+    labels = torch.cat([batch.gt_label for batch in batches]).bool().numpy()
+    return maps, labels, torch.cat([batch.pred_score for batch in batches]).numpy()
 
 
 def main() -> None:
