@@ -1,10 +1,13 @@
 """DADF's additions to anomalib's export: refusing untrained flows, opset 18, f32-marked OpenVINO, its own INT8_PTQ.
 
+Every export also warns when it drops the antialiasing the model was trained with (see :mod:`anomalib_dadf.resize`).
+
 Example:
     >>> from anomalib_dadf import Dadf
     >>> Dadf.load_from_checkpoint("model.ckpt").to_openvino("exported")  # doctest: +SKIP
 """
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,11 +16,14 @@ from anomalib import TaskType
 from anomalib.data import AnomalibDataModule
 from anomalib.deploy import CompressionType
 from torchmetrics import Metric
+from torchvision.transforms.v2 import Resize
 
 from .deploy import keep_f32
 
 if TYPE_CHECKING:
     import openvino as ov
+
+logger = logging.getLogger(__name__)
 
 # NNCF's subset_size counts batches; anomalib asks for at least 300 calibration images.
 CALIBRATION_IMAGES = 300
@@ -26,8 +32,8 @@ CALIBRATION_IMAGES = 300
 class DadfExportMixin:
     """Export methods of :class:`~anomalib_dadf.Dadf`, layered over anomalib's ``ExportMixin``.
 
-    Expects ``flow_steps_trained`` (a buffer counting stage-2 optimizer steps), ``reconstruction_epochs``
-    and ``flow_epochs`` on the model.
+    Expects ``flow_steps_trained`` (a buffer counting stage-2 optimizer steps), ``reconstruction_epochs``,
+    ``flow_epochs``, ``input_size`` and anomalib's ``pre_processor`` on the model.
     """
 
     flow_steps_trained: torch.Tensor
@@ -44,9 +50,21 @@ class DadfExportMixin:
             )
             raise RuntimeError(msg)
 
+    def _warn_if_the_export_drops_antialiasing(self) -> None:
+        transform = self.pre_processor.transform
+        steps = getattr(transform, "transforms", [transform])
+        if any(isinstance(step, Resize) and step.antialias for step in steps):
+            logger.warning(
+                "This model was trained on images resized with antialiasing, but anomalib exports its Resize without "
+                "it: feed the export images already resized to %s with antialiasing (anomalib_dadf.resize.read_resized), "
+                "or larger images score differently (3.5 points of image AUROC on ELPV).",
+                tuple(self.input_size),
+            )
+
     def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
         """Export to Torch like any anomalib model, refusing a model whose flows never trained."""
         self._refuse_untrained_export()
+        self._warn_if_the_export_drops_antialiasing()
         return super().to_torch(export_root, model_file_name)
 
     def to_onnx(
@@ -62,6 +80,7 @@ class DadfExportMixin:
         version converter, which prints a traceback for a model it then exports correctly.
         """
         self._refuse_untrained_export()
+        self._warn_if_the_export_drops_antialiasing()
         kwargs.setdefault("opset_version", 18)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 

@@ -188,6 +188,13 @@ def test_checkpoints_from_before_the_counter_still_load_and_export(trained, tmp_
     assert Path(restored.to_torch(tmp_path / "torch")).is_file()
 
 
+def test_export_warns_that_it_drops_the_antialiasing_training_used(trained, tmp_path: Path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="anomalib_dadf.export_mixin"):
+        trained.model.to_torch(tmp_path / "torch")
+    assert "read_resized" in caplog.text
+    assert "(64, 64)" in caplog.text, "names the size to resize to"
+
+
 def test_opset_defaults_to_18_without_a_version_converter_traceback(trained, capfd) -> None:
     onnx_path = trained.model.to_onnx(trained.work / "opset")
     versions = {opset.domain: opset.version for opset in onnx.load(str(onnx_path)).opset_import}
