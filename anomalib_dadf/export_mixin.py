@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib import TaskType
 from anomalib.data import AnomalibDataModule
+from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.deploy import CompressionType
 from torchmetrics import Metric
 from torchvision.transforms.v2 import Resize
@@ -51,9 +52,7 @@ class DadfExportMixin:
             raise RuntimeError(msg)
 
     def _warn_if_the_export_drops_antialiasing(self) -> None:
-        transform = self.pre_processor.transform
-        steps = getattr(transform, "transforms", [transform])
-        if any(isinstance(step, Resize) and step.antialias for step in steps):
+        if any(resize.antialias for resize in extract_transforms_by_type(self.pre_processor.transform, Resize)):
             logger.warning(
                 "This model was trained on images resized with antialiasing, but anomalib exports its Resize without "
                 "it: feed the export images already resized to %s with antialiasing (anomalib_dadf.resize.read_resized), "

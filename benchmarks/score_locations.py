@@ -26,7 +26,7 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 from sklearn.metrics import roc_auc_score
 
-from anomalib_dadf.benchmark.job import build
+from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, build
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -36,7 +36,7 @@ def peaks(spec: dict, margin: float) -> dict[str, float]:
     seed_everything(spec["seed"])
     datamodule, model, trainer_arguments = build(spec)
     with tempfile.TemporaryDirectory() as scratch:
-        engine = Engine(accelerator="cpu", devices=1, default_root_dir=scratch, logger=False, **trainer_arguments)
+        engine = Engine(accelerator=spec["accelerator"], devices=1, default_root_dir=scratch, logger=False, **trainer_arguments)
         engine.fit(model=model, datamodule=datamodule)
         # Raw maps: min-max normalisation clamps at 0 and 1, and a clamped plateau would move argmax to its first pixel.
         model.post_processor.enable_normalization = model.post_processor.enable_thresholding = False
@@ -79,12 +79,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "score_locations.md")
     arguments = parser.parse_args()
     config = yaml.safe_load(arguments.config.read_text())
-    (data,) = (entry for entry in config["data"] if entry["name"] == arguments.data)
     rows = []
     for name in arguments.models:
-        (model,) = (entry for entry in config["models"] if entry["name"] == name)
-        spec = {"model": model, "data": data, "seed": 0, "input_size": model.get("input_size", config["input_size"])}
-        rows.append((name, peaks(spec, arguments.margin)))
+        job = next(DadfBenchmarkJobGenerator(models=[name], data=[arguments.data]).generate_jobs(config))
+        rows.append((name, peaks(job.spec, arguments.margin)))
         print(name, rows[-1][1], flush=True)
     columns = list(rows[0][1])
     lines = [
