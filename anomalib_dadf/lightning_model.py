@@ -45,7 +45,17 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .callbacks import UnreadableImages
 from .checkpoint_io import AtomicCheckpointIO
-from .components import Plateau, RunCache, check_holdout, held_out_images, input_statistics, pretrained_features
+from .components import (
+    Plateau,
+    RunCache,
+    check_holdout,
+    delivers_blanks,
+    held_out_images,
+    input_statistics,
+    pretrained_features,
+    read_images_again,
+    skip_reading_images,
+)
 from .export_mixin import DadfExportMixin
 from .loss import FlowLoss, ReconstructionLoss
 from .metrics import SPRO, FieldAwareEvaluator
@@ -131,8 +141,9 @@ class Dadf(DadfExportMixin, AnomalibModule):
             batches (the reference trains the flows at 16, the Transformer at 8). A multiple of the
             training batch size gives exactly the update of one such batch. Defaults to ``16``.
         cache_features (bool): Compute each training image's prior once per run (and, in stage 2, its
-            reconstructions) and train from the cache; skipped, with a log line, when the data module
-            augments training images. Defaults to ``True``.
+            reconstructions) and train from the cache, without reading the training images again once all
+            are cached; validation images' priors are cached too unless they are augmented. Skipped, with a
+            log line, when the data module augments training images. Defaults to ``True``.
         cache_memory_gb (float): Memory the cache may use; beyond it the cache is memory-mapped from a
             temporary file. Defaults to ``4.0``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for anomalib's default resizing
@@ -373,7 +384,7 @@ class Dadf(DadfExportMixin, AnomalibModule):
         del args, kwargs
         reconstruction_optimizer, flow_optimizer = self.optimizers()
         images = batch.image.shape[0]
-        priors = self._cached("priors", batch, lambda: self.model.extract_priors(batch.image))
+        priors = self._cached("priors", batch, lambda: self._training_priors(batch))
         if self.stage == Stage.RECONSTRUCTION:
             priors = self._measure_held_out(batch, priors)
             if not len(priors[0]):
@@ -427,6 +438,20 @@ class Dadf(DadfExportMixin, AnomalibModule):
             self.held_out_loss.update(loss, weight=int(held_out.sum()))
         return [prior[~held_out] for prior in priors]
 
+    def _training_priors(self, batch: Batch) -> list[torch.Tensor]:
+        """The training batch's priors, computed from its images.
+
+        Raises:
+            RuntimeError: The loader delivers blank images, so a prior missing from the cache cannot be computed.
+        """
+        if delivers_blanks(self.trainer.train_dataloader):
+            msg = (
+                "DADF's feature cache lost a training image's prior after the images stopped being read; "
+                "train with cache_features=False and report this."
+            )
+            raise RuntimeError(msg)
+        return self.model.extract_priors(batch.image)
+
     def _reconstruct_without_gradients(self, priors: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():
             local, global_ = self.model.reconstruct(priors)
@@ -439,9 +464,13 @@ class Dadf(DadfExportMixin, AnomalibModule):
         optimizer.step()
 
     def on_train_epoch_start(self) -> None:
-        """Start every flow epoch with no accumulated gradient."""
+        """Start every flow epoch with no accumulated gradient; stop reading training images once all priors are cached."""
         self._flow_images = 0
         self.optimizers()[1].zero_grad()
+        loader = self.trainer.train_dataloader
+        if self._cache is not None and self._cache.full("priors") and not delivers_blanks(loader):
+            if skip_reading_images(loader, self.model.input_size):
+                logger.info("DADF's feature cache holds every training image's prior: the images are not read again.")
 
     def on_train_epoch_end(self) -> None:
         """End stage 1 when the held-out reconstruction loss has stalled; end the run after the flow epochs."""
@@ -476,7 +505,12 @@ class Dadf(DadfExportMixin, AnomalibModule):
             reason = "no data module to tell" if datamodule is None else "the data module augments training images"
             logger.info("DADF's feature cache is off: %s, so a training image's prior may differ between epochs.", reason)
             return
-        self._cache = RunCache(len(self.trainer.train_dataloader.dataset), int(self.hparams["cache_memory_gb"] * 1e9))
+        images = len(self.trainer.train_dataloader.dataset)
+        capacities = {"priors": images, "reconstructions": images}
+        validation_set = getattr(datamodule, "val_data", None)
+        if validation_set is not None and getattr(datamodule, "val_augmentations", None) is None:
+            capacities["validation priors"] = len(validation_set)
+        self._cache = RunCache(capacities, int(self.hparams["cache_memory_gb"] * 1e9))
 
     def _hold_out_images(self) -> None:
         """Choose the images that stage 1 holds out to measure its reconstruction loss (when the stop is on).
@@ -500,12 +534,13 @@ class Dadf(DadfExportMixin, AnomalibModule):
 
         Priors are fixed for the whole run (frozen backbone, no augmentation); reconstructions from stage 2 on.
         """
-        if self._cache is None or batch.image_path is None:
+        if self._cache is None or not self._cache.caches(kind) or batch.image_path is None:
             return list(compute())
         return self._cache.get(kind, list(batch.image_path), compute, self.device)
 
     def on_train_end(self) -> None:
-        """Free the feature cache."""
+        """Free the feature cache; the run's training loader reads images again."""
+        read_images_again(self.trainer.train_dataloader)
         if self._cache is not None:
             self._cache.close()
             self._cache = None
@@ -531,9 +566,10 @@ class Dadf(DadfExportMixin, AnomalibModule):
         raise TrainingDivergedError(msg)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Score a validation batch; anomalib's post-processor learns thresholds from it."""
+        """Score a validation batch (from cached priors during training); anomalib's post-processor learns thresholds from it."""
         del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
+        priors = self._cached("validation priors", batch, lambda: self.model.extract_priors(batch.image))
+        return batch.update(**self.model.score(priors)._asdict())
 
     def configure_optimizers(self) -> list[optim.Optimizer]:
         """One optimizer per stage: AdamW for the Transformer, Adam for the flows."""

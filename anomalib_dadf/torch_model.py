@@ -148,7 +148,10 @@ class DadfModel(nn.Module):
         Returns:
             InferenceBatch: ``anomaly_map`` ``(B, 1, H, W)`` and ``pred_score`` (the map's maximum).
         """
-        priors = self.extract_priors(images)
+        return self.score(self.extract_priors(images))
+
+    def score(self, priors: Sequence[torch.Tensor]) -> InferenceBatch:
+        """Score images from their priors (as :meth:`extract_priors` gives them), as :meth:`forward` does."""
         reconstructions = self.reconstruct(priors) if self.uses_reconstructions else ([], [])
         latents, _ = self.discriminate(priors, *reconstructions)
         anomaly_map = self.anomaly_map_generator(latents)

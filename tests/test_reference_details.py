@@ -7,13 +7,24 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from anomalib.data.datasets import MVTecADDataset
+from anomalib.data.datasets.base import AnomalibDataset
+from anomalib.data.datasets.base import image as anomalib_image_dataset
+from anomalib.data.utils import read_image
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import ColorJitter, Normalize
 
 from anomalib_dadf import Dadf
-from anomalib_dadf.components import FeatureCache, describe_prior, input_statistics
+from anomalib_dadf.components import (
+    FeatureCache,
+    delivers_blanks,
+    describe_prior,
+    input_statistics,
+    read_images_again,
+    skip_reading_images,
+)
 from anomalib_dadf.components.transformer import DualAttentionTransformer
 from anomalib_dadf.data import MVTec
 
@@ -105,20 +116,31 @@ def test_default_pre_processor_takes_the_backbones_own_statistics() -> None:
 # Feature cache ---------------------------------------------------------------------------------------------------
 
 
-class Losses(Callback):
+class Recorder(Callback):
+    """Training losses, validation scores and whether each training batch held real images."""
+
     def __init__(self) -> None:
-        self.values: list[float] = []
+        self.losses: list[float] = []
+        self.validation_scores: list[torch.Tensor] = []
+        self.blank_batches: list[bool] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        del trainer, pl_module, batch, batch_idx
-        self.values.append(float(outputs["loss"]))
+        del trainer, pl_module, batch_idx
+        self.losses.append(float(outputs["loss"]))
+        self.blank_batches.append(bool((batch.image.amax(dim=(0, 2, 3)) == batch.image.amin(dim=(0, 2, 3))).all()))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        del trainer, pl_module, batch, batch_idx, dataloader_idx
+        self.validation_scores.append(outputs.pred_score.detach().clone())
 
 
-def train_counting_calls(root: Path, tmp_path: Path, **overrides: object) -> tuple[list[float], dict[str, int]]:
+def train_counting_calls(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, validate: bool = False, **overrides: object,
+) -> tuple[Recorder, dict[str, int], Engine]:
     seed_everything(0)
     model = tiny_dadf(reconstruction_epochs=2, flow_epochs=2, **overrides)
-    calls = {"extract_priors": 0, "reconstruct": 0}
-    for name in calls:
+    calls = {"extract_priors": 0, "reconstruct": 0, "read_image": 0}
+    for name in ("extract_priors", "reconstruct"):
         original = getattr(model.model, name)
 
         def counted(*args: object, _original=original, _name=name) -> object:
@@ -126,21 +148,63 @@ def train_counting_calls(root: Path, tmp_path: Path, **overrides: object) -> tup
             return _original(*args)
 
         setattr(model.model, name, counted)
-    losses = Losses()
+    def counted_read(*args: object, **kwargs: object) -> object:
+        calls["read_image"] += 1
+        return read_image(*args, **kwargs)
+
+    monkeypatch.setattr(anomalib_image_dataset, "read_image", counted_read)
+    recorder = Recorder()
     datamodule = MVTec(root=root, category="widget", train_batch_size=4, num_workers=0)
-    Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, callbacks=[losses], logger=False,
-           limit_val_batches=0).fit(model=model, datamodule=datamodule)
-    return losses.values, calls
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, callbacks=[recorder], logger=False,
+                    limit_val_batches=1.0 if validate else 0)
+    engine.fit(model=model, datamodule=datamodule)
+    return recorder, calls, engine
 
 
-def test_cache_gives_the_same_losses_and_is_used_in_both_stages(mvtec_root: Path, tmp_path: Path) -> None:
-    cached, cached_calls = train_counting_calls(mvtec_root, tmp_path / "cached")
-    plain, plain_calls = train_counting_calls(mvtec_root, tmp_path / "plain", cache_features=False)
-    assert torch.allclose(torch.tensor(cached), torch.tensor(plain), rtol=1e-5)
-    batches = len(plain) // 4  # per epoch: 2 + 2 epochs
-    assert plain_calls == {"extract_priors": 4 * batches, "reconstruct": 4 * batches}
-    # Priors once (the first epoch), reconstructions for stage 1's two epochs and once in stage 2.
-    assert cached_calls == {"extract_priors": batches, "reconstruct": 3 * batches}
+def test_cache_gives_the_same_losses_and_is_used_in_both_stages(mvtec_root, tmp_path, monkeypatch) -> None:
+    cached, cached_calls, engine = train_counting_calls(mvtec_root, tmp_path / "cached", monkeypatch)
+    plain, plain_calls, _ = train_counting_calls(mvtec_root, tmp_path / "plain", monkeypatch, cache_features=False)
+    assert torch.allclose(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-5)
+    batches = len(plain.losses) // 4  # per epoch: 2 + 2 epochs
+    images = len(engine.trainer.train_dataloader.dataset)
+    assert plain_calls == {"extract_priors": 4 * batches, "reconstruct": 4 * batches, "read_image": 4 * images}
+    # Priors once (the first epoch), reconstructions for stage 1's two epochs and once in stage 2; the
+    # images are read in the first epoch only.
+    assert cached_calls == {"extract_priors": batches, "reconstruct": 3 * batches, "read_image": images}
+    assert cached.blank_batches == [False] * batches + [True] * 3 * batches
+    assert not any(plain.blank_batches)
+    assert isinstance(engine.trainer.train_dataloader.dataset, AnomalibDataset), "the loader reads images again"
+
+
+def test_validation_priors_are_cached_and_give_the_same_scores(mvtec_root, tmp_path, monkeypatch) -> None:
+    cached, cached_calls, engine = train_counting_calls(mvtec_root, tmp_path / "cached", monkeypatch, validate=True)
+    plain, plain_calls, _ = train_counting_calls(
+        mvtec_root, tmp_path / "plain", monkeypatch, validate=True, cache_features=False,
+    )
+    assert len(cached.validation_scores) == len(plain.validation_scores) > 0
+    for with_cache, without in zip(cached.validation_scores, plain.validation_scores, strict=True):
+        assert torch.allclose(with_cache, without, rtol=1e-5)
+    training_batches = len(cached.losses) // 4
+    validation_batches = len(cached.validation_scores) // 4
+    assert validation_batches == len(engine.trainer.val_dataloaders)
+    assert cached_calls["extract_priors"] == training_batches + validation_batches
+    assert plain_calls["extract_priors"] == 4 * (training_batches + validation_batches)
+
+
+def test_a_prior_lost_after_the_images_stopped_being_read_stops_the_run(mvtec_root, tmp_path) -> None:
+    class LoseThePriors(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            del trainer, batch, batch_idx
+            if pl_module.current_epoch == 2:  # the loader has delivered blanks since epoch 1
+                pl_module._cache.close()
+
+    seed_everything(0)
+    model = tiny_dadf(reconstruction_epochs=2, flow_epochs=2)
+    datamodule = MVTec(root=mvtec_root, category="widget", train_batch_size=4, num_workers=0)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, callbacks=[LoseThePriors()],
+                    logger=False, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="lost a training image's prior after the images stopped being read"):
+        engine.fit(model=model, datamodule=datamodule)
 
 
 def test_cache_is_skipped_with_a_log_line_when_training_images_are_augmented(mvtec_root, tmp_path, caplog) -> None:
@@ -153,6 +217,21 @@ def test_cache_is_skipped_with_a_log_line_when_training_images_are_augmented(mvt
             model=model, datamodule=datamodule,
         )
     assert "feature cache is off: the data module augments training images" in caplog.text
+
+
+def test_a_loader_delivers_blanks_without_workers_and_gets_its_images_and_workers_back(mvtec_root: Path) -> None:
+    dataset = MVTecADDataset(root=mvtec_root, category="widget", split="train")
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=dataset.collate_fn)
+    assert skip_reading_images(loader, (16, 24))
+    assert delivers_blanks(loader)
+    assert loader.num_workers == 0
+    blank = loader.dataset[1]
+    assert torch.equal(blank.image, torch.zeros(3, 16, 24))
+    assert blank.image_path == dataset.samples.iloc[1].image_path
+    assert int(blank.gt_label) == int(dataset.samples.iloc[1].label_index)
+    read_images_again(loader)
+    assert loader.dataset is dataset
+    assert loader.num_workers == 2
 
 
 def test_a_cache_beyond_its_memory_budget_is_memory_mapped_and_gives_the_same_values(tmp_path: Path) -> None:

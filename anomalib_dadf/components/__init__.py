@@ -2,12 +2,13 @@
 the held-out stop of stage 1."""
 
 from .backbone import PriorScales, describe_prior, input_statistics, pretrained_features
-from .cache import FeatureCache, RunCache
+from .cache import BlankImages, FeatureCache, RunCache, delivers_blanks, read_images_again, skip_reading_images
 from .flow import DiscriminativeFlow
 from .held_out import Plateau, check_holdout, held_out_images
 from .transformer import DualAttention, DualAttentionBlock, DualAttentionTransformer
 
 __all__ = [
+    "BlankImages",
     "DiscriminativeFlow",
     "DualAttention",
     "DualAttentionBlock",
@@ -17,8 +18,11 @@ __all__ = [
     "PriorScales",
     "RunCache",
     "check_holdout",
+    "delivers_blanks",
     "describe_prior",
     "held_out_images",
     "input_statistics",
     "pretrained_features",
+    "read_images_again",
+    "skip_reading_images",
 ]

@@ -4,7 +4,9 @@ DADF's prior comes from a frozen backbone, and without training augmentations ea
 the same in every epoch; in stage 2 the Transformer is frozen too, so the flows' whole input
 (prior, local and global reconstruction) is fixed per image. :class:`FeatureCache` keeps such
 tensors, keyed by image path, in memory while they fit a byte budget and in a memory-mapped file on
-disk beyond it.
+disk beyond it. Once every training image's prior is cached, the image files need not be read again:
+:func:`skip_reading_images` makes the training loader deliver :class:`BlankImages` (path and label,
+no pixels) until :func:`read_images_again`.
 
 Example:
     >>> import torch
@@ -24,6 +26,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from anomalib.data import ImageItem
+from anomalib.data.datasets.base import AnomalibDataset
+from torch.utils.data import DataLoader, Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,11 @@ class FeatureCache:
     def on_disk(self) -> bool:
         """Whether the cache is memory-mapped from a file (decided when the first batch arrives)."""
         return self._scratch is not None
+
+    @property
+    def full(self) -> bool:
+        """Whether every row is filled: each image the cache was sized for is in it."""
+        return len(self._rows) == self.capacity
 
     @property
     def memory_bytes(self) -> int:
@@ -119,16 +129,25 @@ class RunCache:
     Each kind gets what the kinds before it left of the budget; a kind that does not fit is memory-mapped.
 
     Args:
-        capacity: Images per cache (the training set's size).
+        capacities: Images per kind of tensor (the training set's size for its priors, the validation
+            set's for its own).
         budget_bytes: Memory all caches together may use.
         directory: Where memory-mapped caches' files go.
     """
 
-    def __init__(self, capacity: int, budget_bytes: int, directory: str | Path | None = None) -> None:
-        self.capacity = capacity
+    def __init__(self, capacities: dict[str, int], budget_bytes: int, directory: str | Path | None = None) -> None:
+        self.capacities = capacities
         self.budget_bytes = budget_bytes
         self.directory = directory
         self._caches: dict[str, FeatureCache] = {}
+
+    def caches(self, kind: str) -> bool:
+        """Whether this run caches tensors of ``kind``."""
+        return kind in self.capacities
+
+    def full(self, kind: str) -> bool:
+        """Whether the cache of ``kind`` holds every image it was sized for."""
+        return kind in self._caches and self._caches[kind].full
 
     def get(
         self,
@@ -140,7 +159,7 @@ class RunCache:
         """:meth:`FeatureCache.get` on the cache of ``kind``, created on first use."""
         if kind not in self._caches:
             left = self.budget_bytes - sum(cache.memory_bytes for cache in self._caches.values())
-            self._caches[kind] = FeatureCache(self.capacity, max(0, left), self.directory)
+            self._caches[kind] = FeatureCache(self.capacities[kind], max(0, left), self.directory)
         return self._caches[kind].get(keys, compute, device)
 
     def close(self) -> None:
@@ -148,3 +167,62 @@ class RunCache:
         for cache in self._caches.values():
             cache.close()
         self._caches.clear()
+
+
+class BlankImages(Dataset):
+    """An anomalib data set's items with their path and label but a blank image of the model's input size.
+
+    For a training set whose every prior is cached: the images would be read and decoded each epoch
+    only to be ignored, and on a small CPU that work competes with training. The blank has the input
+    size, so the pre-processor's resizing keeps its shape. Nothing random is drawn, so the loader's
+    shuffling, and with it the run, stays the same.
+
+    Args:
+        dataset: The training set.
+        input_size: Height and width of the model's input.
+        num_workers: Worker processes the loader had for the real images (given back with them).
+    """
+
+    def __init__(self, dataset: AnomalibDataset, input_size: Sequence[int], num_workers: int = 0) -> None:
+        self.dataset = dataset
+        self.blank = torch.zeros(3, *input_size)
+        self.num_workers = num_workers
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        sample = self.dataset.samples.iloc[index]
+        return ImageItem(image=self.blank, gt_label=torch.tensor(sample.label_index), image_path=sample.image_path)
+
+
+def skip_reading_images(loader: object, input_size: Sequence[int]) -> bool:
+    """Make ``loader`` deliver :class:`BlankImages` of its anomalib data set from its next epoch on.
+
+    Args:
+        loader: The run's training loader (Lightning builds it for the run from the data module; the data
+            module's own data set is left as it is).
+        input_size: Height and width of the model's input.
+
+    Returns:
+        bool: Whether the loader delivers blanks now (never for a data set that is not anomalib's).
+    """
+    if isinstance(loader, DataLoader) and isinstance(loader.dataset, AnomalibDataset):
+        # DataLoader refuses a new data set after it is built, since its sampler was sized from the old one;
+        # the blanks keep the length and the order, so the sampler stays right.
+        object.__setattr__(loader, "dataset", BlankImages(loader.dataset, input_size, loader.num_workers))
+        # Blanks cost nothing to make: worker processes would only add their start-up each epoch.
+        loader.num_workers = 0
+    return delivers_blanks(loader)
+
+
+def delivers_blanks(loader: object) -> bool:
+    """Whether ``loader`` delivers :class:`BlankImages`."""
+    return isinstance(loader, DataLoader) and isinstance(loader.dataset, BlankImages)
+
+
+def read_images_again(loader: object) -> None:
+    """Undo :func:`skip_reading_images` (a loader that delivers real images is left alone)."""
+    if delivers_blanks(loader):
+        loader.num_workers = loader.dataset.num_workers
+        object.__setattr__(loader, "dataset", loader.dataset.dataset)
