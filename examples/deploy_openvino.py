@@ -8,8 +8,9 @@ overlay ``OUTPUT/overlays/<name>.png`` captioned with its score and label; print
 Runs on the CPU at f32. It passes OpenVINO's f32 precision hint: on CPUs with bf16 (AVX-512-bf16, AMX)
 the plugin runs some nodes of the export in bf16 despite its f32 marking (see the README), and
 thresholds were set on f32 scores. Each image is resized to the model's input size with antialiasing
-before it reaches the export (``anomalib_dadf.resize``): the export's own resize has none, and on
-ELPV that costs 3.5 points of image AUROC.
+before it reaches the export (``anomalib_dadf.resize``): the resize of a dynamic-size export has none, and on
+ELPV mono that cost 2.6-3.5 points of image AUROC in two checkpoints. An export for the size of your
+images (``model.to_openvino(..., input_size=(height, width))``) keeps the antialiasing instead.
 """
 
 import argparse

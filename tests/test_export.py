@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from anomalib.deploy import CompressionType, ExportType
+from anomalib.data.utils import read_image
+from anomalib.deploy import CompressionType, ExportType, TorchInferencer
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from PIL import Image
@@ -188,11 +189,53 @@ def test_checkpoints_from_before_the_counter_still_load_and_export(trained, tmp_
     assert Path(restored.to_torch(tmp_path / "torch")).is_file()
 
 
-def test_export_warns_that_it_drops_the_antialiasing_training_used(trained, tmp_path: Path, caplog) -> None:
+@pytest.fixture(scope="module")
+def large_images(trained: Trained) -> list[Path]:
+    """Test images enlarged to 200 x 168 with pixel noise: a resize without antialiasing keeps the noise."""
+    folder = trained.work / "large"
+    folder.mkdir()
+    generator = np.random.default_rng(0)
+    paths = []
+    for index, path in enumerate(trained.images[:8]):
+        pixels = np.asarray(Image.open(path).convert("RGB").resize((168, 200), Image.BICUBIC), dtype=float)
+        noisy = np.clip(pixels + generator.uniform(-40, 40, pixels.shape), 0, 255).astype(np.uint8)
+        paths.append(folder / f"{index:02d}.png")
+        Image.fromarray(noisy).save(paths[-1])
+    return paths
+
+
+def trained_scores(model: Dadf, images: list[Path]) -> np.ndarray:
+    """Scores as in training and ``anomalib test``: each image resized by the trained, antialiased pre-processing."""
+    with torch.no_grad():
+        batches = [model.pre_processor.transform(read_image(path, as_tensor=True))[None] for path in images]
+        return np.array([float(model.post_processor(model.model(batch)).pred_score) for batch in batches])
+
+
+def test_exports_for_the_images_size_and_torch_exports_keep_the_trained_antialiasing(
+    trained, large_images, tmp_path: Path, monkeypatch, caplog,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
+    expected = trained_scores(trained.model, large_images)
+    spread = float(np.ptp(expected))
+    assert spread > 0
     with caplog.at_level("WARNING", logger="anomalib_dadf.export_mixin"):
-        trained.model.to_torch(tmp_path / "torch")
-    assert "read_resized" in caplog.text
+        fixed = trained.model.to_openvino(tmp_path / "fixed", input_size=(200, 168))
+        torch_export = trained.model.to_torch(tmp_path / "torch")
+    assert "antialiasing" not in caplog.text, "neither export warns: both keep it"
+    with caplog.at_level("WARNING", logger="anomalib_dadf.export_mixin"):
+        dynamic = trained.model.to_openvino(tmp_path / "dynamic")
+    assert "input_size" in caplog.text and "read_resized" in caplog.text
     assert "(64, 64)" in caplog.text, "names the size to resize to"
+
+    fixed_scores = exported_predictions(fixed, large_images, F32)["pred_score"]
+    inferencer = TorchInferencer(torch_export, device="cpu")
+    torch_scores = np.array([float(inferencer.predict(path).pred_score) for path in large_images])
+    dynamic_scores = exported_predictions(dynamic, large_images, F32)["pred_score"]
+    assert np.max(np.abs(fixed_scores - expected)) / spread < 1e-3
+    assert np.max(np.abs(torch_scores - expected)) / spread < 1e-3
+    assert np.max(np.abs(dynamic_scores - expected)) / spread > 1e-2, "without antialiasing the scores move"
+    assert trained.model.pre_processor.export_transform is not trained.model.pre_processor.transform, "restored"
 
 
 def test_opset_defaults_to_18_without_a_version_converter_traceback(trained, capfd) -> None:
