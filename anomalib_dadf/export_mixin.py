@@ -83,10 +83,11 @@ class DadfExportMixin:
             return Compose([fixed, *rest])
         if any(resize.antialias for resize in extract_transforms_by_type(self.pre_processor.transform, Resize)):
             logger.warning(
-                "This model was trained on images resized with antialiasing, but a dynamic-size export resizes without "
-                "it: export with the size of your images (input_size) to keep it, or feed the export images already "
-                "resized to %s with antialiasing (anomalib_dadf.resize.read_resized); larger images fed as they are "
-                "score differently (2.6-3.5 points of image AUROC on ELPV mono).",
+                "This model was trained on images resized with antialiasing, but this export resizes without it (an "
+                "export keeps it for a fixed input_size when the pre-processing starts with the resize): export with "
+                "the size of your images (input_size), or feed the export images already resized to %s with "
+                "antialiasing (anomalib_dadf.resize.read_resized); larger images fed as they are score differently "
+                "(2.6-3.5 points of image AUROC on ELPV mono).",
                 tuple(self.input_size),
             )
         return None
