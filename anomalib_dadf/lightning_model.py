@@ -467,10 +467,9 @@ class Dadf(DadfExportMixin, AnomalibModule):
         """Start every flow epoch with no accumulated gradient; stop reading training images once all priors are cached."""
         self._flow_images = 0
         self.optimizers()[1].zero_grad()
-        loader = self.trainer.train_dataloader
-        if self._cache is not None and self._cache.full("priors") and not delivers_blanks(loader):
-            if skip_reading_images(loader, self.model.input_size):
-                logger.info("DADF's feature cache holds every training image's prior: the images are not read again.")
+        cached = self._cache is not None and self._cache.full("priors")
+        if cached and skip_reading_images(self.trainer.train_dataloader, self.model.input_size):
+            logger.info("DADF's feature cache holds every training image's prior: the images are not read again.")
 
     def on_train_epoch_end(self) -> None:
         """End stage 1 when the held-out reconstruction loss has stalled; end the run after the flow epochs."""

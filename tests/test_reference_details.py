@@ -224,6 +224,8 @@ def test_a_loader_delivers_blanks_without_workers_and_gets_its_images_and_worker
     loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=dataset.collate_fn)
     assert skip_reading_images(loader, (16, 24))
     assert delivers_blanks(loader)
+    assert not skip_reading_images(loader, (16, 24)), "blanks are not wrapped twice"
+    assert isinstance(loader.dataset.dataset, MVTecADDataset)
     assert loader.num_workers == 0
     blank = loader.dataset[1]
     assert torch.equal(blank.image, torch.zeros(3, 16, 24))

@@ -205,15 +205,17 @@ def skip_reading_images(loader: object, input_size: Sequence[int]) -> bool:
         input_size: Height and width of the model's input.
 
     Returns:
-        bool: Whether the loader delivers blanks now (never for a data set that is not anomalib's).
+        bool: Whether the loader switched to blanks: not when it already delivers them or its data set is not
+        anomalib's.
     """
-    if isinstance(loader, DataLoader) and isinstance(loader.dataset, AnomalibDataset):
-        # DataLoader refuses a new data set after it is built, since its sampler was sized from the old one;
-        # the blanks keep the length and the order, so the sampler stays right.
-        object.__setattr__(loader, "dataset", BlankImages(loader.dataset, input_size, loader.num_workers))
-        # Blanks cost nothing to make: worker processes would only add their start-up each epoch.
-        loader.num_workers = 0
-    return delivers_blanks(loader)
+    if not isinstance(loader, DataLoader) or not isinstance(loader.dataset, AnomalibDataset):
+        return False
+    # DataLoader refuses a new data set after it is built, since its sampler was sized from the old one;
+    # the blanks keep the length and the order, so the sampler stays right.
+    object.__setattr__(loader, "dataset", BlankImages(loader.dataset, input_size, loader.num_workers))
+    # Blanks cost nothing to make: worker processes would only add their start-up each epoch.
+    loader.num_workers = 0
+    return True
 
 
 def delivers_blanks(loader: object) -> bool:
