@@ -21,6 +21,7 @@ Paper:
 """
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
@@ -34,7 +35,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -146,6 +147,11 @@ class Dadf(DadfExportMixin, AnomalibModule):
             log line, when the data module augments training images. Defaults to ``True``.
         cache_memory_gb (float): Memory the cache may use; beyond it the cache is memory-mapped from a
             temporary file. Defaults to ``4.0``.
+        seed (int | None): Seed the run with Lightning's ``seed_everything`` before the network is built,
+            so that its weights, the validation split's synthetic anomalies and the order of the training
+            images repeat. ``anomalib train`` needs it to repeat a run (``--model.seed 0``): anomalib's
+            command line reads ``seed_everything`` but does not apply it. ``None`` leaves the random
+            generators as they are. Defaults to ``None``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for anomalib's default resizing
             (256x256) with the backbone's own input statistics (timm's ``pretrained_cfg``: ImageNet's
             for most CNNs, 0.5 / 0.5 for ``tf_efficientnet_lite0``). Defaults to ``True``.
@@ -188,11 +194,14 @@ class Dadf(DadfExportMixin, AnomalibModule):
         flow_batch_size: int = 16,
         cache_features: bool = True,
         cache_memory_gb: float = 4.0,
+        seed: int | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        if seed is not None:
+            seed_everything(seed, workers=True)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -288,7 +297,12 @@ class Dadf(DadfExportMixin, AnomalibModule):
             state["flow_start_epoch"] = torch.tensor(saved.get("reconstruction_epochs", self.reconstruction_epochs))
 
     def on_fit_start(self) -> None:
-        """Load the backbone's pretrained weights when training starts from scratch."""
+        """Say when nothing seeded the run; load the backbone's pretrained weights when training starts from scratch."""
+        if "PL_GLOBAL_SEED" not in os.environ:
+            logger.info(
+                "No seed was set, so this run will not repeat exactly (anomalib's command line does not apply "
+                "seed_everything): pass --model.seed N to make it repeatable.",
+            )
         if not self.hparams["pre_trained"] or self.trainer.ckpt_path is not None:
             return
         pretrained = pretrained_features(

@@ -36,7 +36,6 @@ def fit(cache: bool) -> dict[str, float]:
     """One fit of the quickstart configuration (no test), in this process."""
     from anomalib.engine import Engine
     from jsonargparse import ArgumentParser
-    from lightning.pytorch import seed_everything
 
     sys.path.insert(0, str(REPO))
     from anomalib_dadf import Dadf
@@ -47,7 +46,6 @@ def fit(cache: bool) -> dict[str, float]:
     parser = ArgumentParser()
     parser.add_argument("--model", type=Dadf)
     parser.add_argument("--data", type=ELPV)
-    seed_everything(config["seed_everything"])
     parts = parser.instantiate_classes(parser.parse_object({"model": config["model"], "data": config["data"]}))
     with tempfile.TemporaryDirectory() as scratch:
         engine = Engine(default_root_dir=scratch, accelerator="cpu", devices=1, logger=False)

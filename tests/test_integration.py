@@ -33,7 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 def anomalib_cli(*arguments: str, cwd: Path) -> str:
     """Run the ``anomalib`` command of this environment; return its output, failing with it shown."""
     command = [str(Path(sys.executable).parent / "anomalib"), *arguments]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
+    # A seed_everything in this test process marks the environment as seeded; a user's shell is not.
+    environment = {key: value for key, value in os.environ.items() if key != "PL_GLOBAL_SEED"}
+    result = subprocess.run(
+        command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600, check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     return output
@@ -80,6 +84,7 @@ def test_command_line_train_test_predict_export(mvtec_root: Path, tmp_path: Path
     )
     for metric in ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"):
         assert metric in output
+    assert "No seed was set" in output
     run = tmp_path / "Dadf" / "MVTec" / "widget" / "v0"
     checkpoint = run / "weights" / "lightning" / "model.ckpt"
     assert checkpoint.is_file()
@@ -106,6 +111,28 @@ def test_command_line_train_test_predict_export(mvtec_root: Path, tmp_path: Path
     exported = torch.load(tmp_path / "export" / "weights" / "torch" / "model.pt", weights_only=False)
     prediction = exported["model"].eval()(torch.rand(1, 3, 256, 256))
     assert prediction.anomaly_map.shape == (1, 1, 256, 256)
+
+
+def test_command_line_runs_with_a_model_seed_repeat_exactly(mvtec_root: Path, tmp_path: Path) -> None:
+    """anomalib's command line does not apply ``seed_everything``; the model's ``seed`` makes a run repeat.
+
+    The validation split is made of synthetic anomalies, so their randomness is covered too.
+    """
+    states = []
+    for run in ("first", "second"):
+        output = anomalib_cli(
+            "train", *TINY_CLI_MODEL, "--model.reconstruction_epochs=1", "--model.flow_epochs=1", "--model.seed=0",
+            "--data", "MVTec", f"--data.root={mvtec_root}", "--data.category=widget", "--data.num_workers=0",
+            "--data.train_batch_size=2", "--data.val_split_mode=synthetic", f"--default_root_dir={tmp_path / run}",
+            cwd=tmp_path,
+        )
+        assert "No seed was set" not in output
+        checkpoint = tmp_path / run / "Dadf" / "MVTec" / "widget" / "v0" / "weights" / "lightning" / "model.ckpt"
+        states.append(torch.load(checkpoint, weights_only=False, map_location="cpu")["state_dict"])
+    first, second = states
+    assert first.keys() == second.keys()
+    assert "post_processor.image_max" in first
+    assert all(torch.equal(first[key], second[key]) for key in first)
 
 
 def test_command_line_on_mvtec_loco_reports_spro(tmp_path: Path) -> None:

@@ -104,6 +104,15 @@ def test_a_flow_on_the_prior_alone_neither_trains_nor_runs_the_transformer(mvtec
     assert torch.isfinite(output.anomaly_map).all()
 
 
+def test_a_seed_makes_the_network_repeat_whatever_ran_before() -> None:
+    first = tiny_dadf(seed=3).model.state_dict()
+    torch.rand(100)
+    again = tiny_dadf(seed=3).model.state_dict()
+    unseeded = tiny_dadf().model.state_dict()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], unseeded[key]) for key in first)
+
+
 def test_model_runs_the_sum_of_both_stages() -> None:
     model = tiny_dadf(reconstruction_epochs=3, flow_epochs=2)
     assert model.trainer_arguments["max_epochs"] == 5
