@@ -150,8 +150,9 @@ class Dadf(DadfExportMixin, AnomalibModule):
         seed (int | None): Seed the run with Lightning's ``seed_everything`` before the network is built,
             so that its weights, the validation split's synthetic anomalies and the order of the training
             images repeat. ``anomalib train`` needs it to repeat a run (``--model.seed 0``): anomalib's
-            command line reads ``seed_everything`` but does not apply it. ``None`` leaves the random
-            generators as they are. Defaults to ``None``.
+            command line reads ``seed_everything`` but does not apply it. Being an argument, it is saved
+            with checkpoints, so ``load_from_checkpoint`` seeds again. ``None`` leaves the random generators
+            as they are. Defaults to ``None``.
         pre_processor (PreProcessor | bool): Pre-processor, or ``True`` for anomalib's default resizing
             (256x256) with the backbone's own input statistics (timm's ``pretrained_cfg``: ImageNet's
             for most CNNs, 0.5 / 0.5 for ``tf_efficientnet_lite0``). Defaults to ``True``.

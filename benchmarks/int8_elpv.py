@@ -2,16 +2,21 @@
 
 Takes a checkpoint trained on ELPV (the quickstart writes one) and exports it as ``anomalib export``
 would: FP32 (also with bf16 allowed, ``python -m anomalib_dadf.deploy --allow-bf16``, at the CPU's
-default precision), INT8 (weights only), INT8_PTQ (DADF's scheme: NNCF's Transformer preset, calibrated on
-training cells) and, for comparison, INT8_PTQ with anomalib's default scheme (calibrated on the
-validation split, 10 % of the training cells with synthetic anomalies). It scores the validation
+default precision), INT8 (weights only), INT8_PTQ (DADF's scheme: calibrated on training cells, NNCF's
+Transformer preset where the export holds the Transformer, a fixed-size export's resize kept in float)
+and, for comparison, INT8_PTQ with anomalib's default scheme (calibrated on the validation split, 10 %
+of the training cells with synthetic anomalies). It scores the validation
 images and every test cell through anomalib's ``OpenVINOInferencer`` at f32 and reports the
 Spearman correlation of each variant's image scores with FP32's on the validation images (how the
 PTQ scheme was chosen: it needs no test data), image AUROC on the test cells, and the median
 milliseconds per test image (batch 1, image reading included), the variants interleaved image by image.
+With ``--input-size H W`` every variant is exported for images of that size (ELPV's cells: 300 300),
+which keeps the trained antialiased resize inside the export; without it the exports take any size
+and resize without antialiasing (the README's deployment section).
 
     anomalib train --config configs/quickstart.yaml
     python benchmarks/int8_elpv.py --ckpt results/Dadf/ELPV/mono/latest/weights/lightning/model.ckpt
+    python benchmarks/int8_elpv.py --ckpt ... --input-size 300 300 --output benchmarks/results/int8_elpv_300.md
 """
 
 import argparse
@@ -56,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True)
     parser.add_argument("--category", default="mono")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="export for images of this size")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "int8_elpv.md")
     arguments = parser.parse_args()
 
@@ -68,7 +74,12 @@ def main() -> None:
         inferencers = {}
         for index, (name, (model_class, compression, bf16)) in enumerate(VARIANTS.items()):
             model = model_class.load_from_checkpoint(arguments.ckpt)
-            exported = model.to_openvino(Path(scratch) / str(index), compression_type=compression, datamodule=datamodule)
+            exported = model.to_openvino(
+                Path(scratch) / str(index),
+                input_size=arguments.input_size and tuple(arguments.input_size),
+                compression_type=compression,
+                datamodule=datamodule,
+            )
             if bf16:
                 allow_bf16(exported)
             inferencers[name] = OpenVINOInferencer(exported, device="CPU", config=None if bf16 else F32)
@@ -92,7 +103,9 @@ def main() -> None:
         f"# OpenVINO INT8 on ELPV {arguments.category} (`python benchmarks/int8_elpv.py --ckpt CKPT`)",
         "",
         (
-            f"Checkpoint: `{arguments.ckpt}`. Agreement: Spearman correlation with FP32's image scores on the "
+            f"Checkpoint: `{arguments.ckpt}`. Exported for "
+            f"{'images of ' + ' x '.join(map(str, arguments.input_size)) if arguments.input_size else 'any image size'}. "
+            "Agreement: Spearman correlation with FP32's image scores on the "
             f"{len(validation)} validation images. {len(paths)} test cells, batch 1, f32 inference (but for the bf16 "
             f"row), image reading included. The CPU's default inference precision: "
             f"{ov.Core().get_property('CPU', 'INFERENCE_PRECISION_HINT').get_type_name()} (f32 means this CPU has no bf16, and the "

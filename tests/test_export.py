@@ -122,8 +122,11 @@ def test_compressed_exports_stay_within_their_measured_tolerance(trained, compre
     assert result["map_pearson"] > COMPRESSED_MIN_PEARSON[compression]
 
 
-def test_ptq_calibrates_on_training_images_with_the_transformer_scheme(trained, monkeypatch) -> None:
+def test_ptq_calibrates_on_training_images_with_the_scheme_of_the_exported_network(
+    trained, tmp_path: Path, monkeypatch,
+) -> None:
     import nncf
+    import openvino as ov
 
     calls = {}
 
@@ -132,13 +135,46 @@ def test_ptq_calibrates_on_training_images_with_the_transformer_scheme(trained, 
         calls.update(kwargs)
         return model
 
+    dynamic = ov.Core().read_model(trained.model.to_openvino(tmp_path / "dynamic"))
     monkeypatch.setattr(nncf, "quantize", spy)
-    Dadf._post_training_quantization_ov(object(), trained.datamodule)
-    assert calls["model_type"] == nncf.ModelType.TRANSFORMER
+    trained.model._post_training_quantization_ov(dynamic, trained.datamodule)
+    assert calls["model_type"] == nncf.ModelType.TRANSFORMER, "the export holds the Transformer"
+    assert calls["ignored_scope"] is None, "a dynamic-size export has no resize to keep in float"
     assert calls["images"] == len(trained.datamodule.train_data), "every training image, none from validation"
+    prior_only = Dadf(**TINY_MODEL, flow_inputs=["prior"], pre_processor=small_pre_processor())
+    prior_only._post_training_quantization_ov(dynamic, trained.datamodule)
+    assert calls["model_type"] is None, "a flow on the prior alone is a CNN: NNCF's default scheme"
     # anomalib's own test of the missing data module matches its wording; DADF's explanation follows it.
     with pytest.raises(ValueError, match=r"^Datamodule must be provided for OpenVINO INT8_PTQ compression: DADF calibrates"):
-        Dadf._post_training_quantization_ov(object(), None)
+        trained.model._post_training_quantization_ov(dynamic, None)
+
+
+def test_ptq_of_an_export_for_a_fixed_input_size_keeps_its_resize_in_float(trained, tmp_path: Path) -> None:
+    import openvino as ov
+
+    fp32 = ov.Core().read_model(trained.model.to_openvino(tmp_path / "fp32", input_size=(64, 64)))
+    resize = [node for node in fp32.get_ordered_ops() if node.get_type_name() == "MatMul"][:2]
+    names = {node.get_friendly_name() for node in resize}
+    assert len(names) == 2, "FixedSizeResize resizes with two matrix products"
+    with pytest.raises(ValueError, match=r"training images of the data module, which are 64x64, but this export takes 200x168"):
+        trained.model.to_openvino(
+            tmp_path / "mismatch", input_size=(200, 168), compression_type=CompressionType.INT8_PTQ,
+            datamodule=trained.datamodule,
+        )
+    quantized = ov.Core().read_model(
+        trained.model.to_openvino(
+            tmp_path / "int8", input_size=(64, 64), compression_type=CompressionType.INT8_PTQ,
+            datamodule=trained.datamodule,
+        ),
+    )
+    quantized_inputs = {
+        node.get_friendly_name(): [value.get_node().get_type_name() for value in node.input_values()]
+        for node in quantized.get_ordered_ops()
+        if node.get_friendly_name() in names
+    }
+    assert quantized_inputs.keys() == names
+    assert all("FakeQuantize" not in inputs for inputs in quantized_inputs.values()), quantized_inputs
+    assert any(node.get_type_name() == "FakeQuantize" for node in quantized.get_ordered_ops()), "the rest is INT8"
 
 
 class StopAfterFirstEpoch(Callback):
