@@ -195,19 +195,14 @@ class DadfExportMixin:
             keep_f32(path)
         return path
 
-    def _post_training_quantization_ov(
-        self,
-        model: "ov.Model",
-        datamodule: AnomalibDataModule | None = None,
-    ) -> "ov.Model":
-        """INT8 post-training quantization calibrated on training images, the resize of the export left in float.
+    def _quantization_setup(self, model: "ov.Model", datamodule: AnomalibDataModule | None, mode: str) -> dict:
+        """Calibration data and scheme of DADF's INT8 quantization, as keyword arguments of NNCF's quantizers.
 
-        anomalib's default calibrates on the validation split, which may hold anomalies, with NNCF's
-        default scheme for every model. This uses up to 300 normal training images, and NNCF's scheme for
-        Transformers (LayerNorms, softmax inputs and residual sums stay in float) when the export holds
-        the Transformer; a flow on the prior alone is a CNN and gets NNCF's default scheme, whose scores
-        agree better with FP32's there (``benchmarks/int8_elpv.py``). The two matrix products that resize
-        the images of an export for a fixed input size stay in float: quantized, they scrambled the scores.
+        Calibration: up to 300 normal training images. Scheme: NNCF's for Transformers (LayerNorms,
+        softmax inputs and residual sums stay in float) when the export holds the Transformer; a flow on
+        the prior alone is a CNN and gets NNCF's default scheme, whose scores agree better with FP32's
+        there (``benchmarks/int8_elpv.py``). The two matrix products that resize the images of an export
+        for a fixed input size stay in float: quantized, they scrambled the scores.
 
         Raises:
             ValueError: No data module to calibrate on (the message starts as anomalib's), or training
@@ -217,18 +212,80 @@ class DadfExportMixin:
 
         if datamodule is None:
             msg = (
-                "Datamodule must be provided for OpenVINO INT8_PTQ compression: DADF calibrates on its training "
+                f"Datamodule must be provided for OpenVINO {mode} compression: DADF calibrates on its training "
                 "images (anomalib export ... --data ...)."
             )
             raise ValueError(msg)
         datamodule.setup("fit")
         _check_calibration_size(model, next(iter(datamodule.train_dataloader())).image)
-        calibration = nncf.Dataset(datamodule.train_dataloader(), lambda batch: batch.image)
         resize = _resize_products(model)
-        return nncf.quantize(
+        return {
+            "calibration_dataset": nncf.Dataset(datamodule.train_dataloader(), lambda batch: batch.image),
+            "model_type": nncf.ModelType.TRANSFORMER if self.model.uses_reconstructions else None,
+            "ignored_scope": nncf.IgnoredScope(names=resize) if resize else None,
+            "subset_size": max(1, CALIBRATION_IMAGES // datamodule.train_batch_size),
+        }
+
+    def _post_training_quantization_ov(
+        self,
+        model: "ov.Model",
+        datamodule: AnomalibDataModule | None = None,
+    ) -> "ov.Model":
+        """INT8 post-training quantization calibrated on training images (see :meth:`_quantization_setup`).
+
+        anomalib's calibrates on the validation split, which may hold anomalies, with NNCF's default scheme
+        for every model.
+        """
+        import nncf
+
+        return nncf.quantize(model, **self._quantization_setup(model, datamodule, "INT8_PTQ"))
+
+    def _accuracy_control_quantization_ov(
+        self,
+        model: "ov.Model",
+        datamodule: AnomalibDataModule | None = None,
+        metric: Metric | None = None,
+        task: TaskType | None = None,
+        max_drop: float = 0.01,
+    ) -> "ov.Model":
+        """INT8 quantization that keeps in float what costs more than ``max_drop`` of ``metric`` on the validation split.
+
+        anomalib's checks the drop on the data module's *test* split, which tunes the export on the test
+        images; this checks it on the validation split (DADF's data modules fill it with synthetic
+        anomalies made from training images). Calibration and scheme are :meth:`_quantization_setup`'s.
+        ``metric`` defaults to image F1 from the export's labels, as in anomalib.
+
+        Raises:
+            ValueError: No data module, training images of another size than a fixed-size export takes,
+                or ``max_drop`` outside ``[0, 1]``.
+        """
+        import nncf
+        from anomalib.data import ImageBatch
+        from anomalib.metrics import F1Score
+
+        del task  # the export's outputs say what it predicts
+        if not 0 <= max_drop <= 1:
+            msg = f"max_drop must be between 0 and 1, got {max_drop}."
+            raise ValueError(msg)
+        setup = self._quantization_setup(model, datamodule, "INT8_ACQ")
+        metric = metric or F1Score(fields=["pred_label", "gt_label"])
+
+        def accuracy(compiled: "ov.CompiledModel", batches: Any) -> float:
+            metric.reset()
+            for batch in batches:
+                outputs = compiled(batch.image)
+                metric.update(ImageBatch(
+                    image=batch.image,
+                    gt_label=batch.gt_label,
+                    gt_mask=batch.gt_mask,
+                    **{name: torch.from_numpy(outputs[name]) for name in ("pred_score", "pred_label", "anomaly_map", "pred_mask")},
+                ))
+            return float(metric.compute())
+
+        return nncf.quantize_with_accuracy_control(
             model,
-            calibration,
-            model_type=nncf.ModelType.TRANSFORMER if self.model.uses_reconstructions else None,
-            ignored_scope=nncf.IgnoredScope(names=resize) if resize else None,
-            subset_size=max(1, CALIBRATION_IMAGES // datamodule.train_batch_size),
+            validation_dataset=nncf.Dataset(datamodule.val_dataloader()),
+            validation_fn=accuracy,
+            max_drop=max_drop,
+            **setup,
         )

@@ -130,8 +130,8 @@ def test_ptq_calibrates_on_training_images_with_the_scheme_of_the_exported_netwo
 
     calls = {}
 
-    def spy(model: object, dataset: nncf.Dataset, **kwargs: object) -> object:
-        calls["images"] = sum(len(item) for item in dataset.get_inference_data())
+    def spy(model: object, **kwargs: object) -> object:
+        calls["images"] = sum(len(item) for item in kwargs["calibration_dataset"].get_inference_data())
         calls.update(kwargs)
         return model
 
@@ -293,6 +293,30 @@ def test_deployment_example_writes_heat_map_overlays(trained, tmp_path: Path, mo
     overlay = np.asarray(Image.open(written[0]))
     assert overlay.shape == (64, 64, 3)
     assert np.abs(overlay[..., 0].astype(int) - overlay[..., 2]).max() > 0, "a coloured heat map, not gray"
+
+
+def test_accuracy_control_checks_the_validation_split_never_the_test_split(trained, tmp_path: Path, monkeypatch) -> None:
+    import nncf
+    import openvino as ov
+
+    calls = {}
+
+    def spy(model: object, **kwargs: object) -> object:
+        calls.update(kwargs)
+        return model
+
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", spy)
+    dynamic = ov.Core().read_model(trained.model.to_openvino(tmp_path / "dynamic"))
+    trained.model._accuracy_control_quantization_ov(dynamic, trained.datamodule, max_drop=0.02)
+    checked = [path for batch in calls["validation_dataset"].get_inference_data() for path in batch.image_path]
+    assert sorted(checked) == sorted(trained.datamodule.val_data.samples["image_path"])
+    assert not set(checked) & set(trained.datamodule.test_data.samples["image_path"])
+    calibrated = sum(len(images) for images in calls["calibration_dataset"].get_inference_data())
+    assert calibrated == len(trained.datamodule.train_data), "calibrated on every training image"
+    assert calls["model_type"] == nncf.ModelType.TRANSFORMER
+    assert calls["max_drop"] == 0.02
+    with pytest.raises(ValueError, match="max_drop must be between 0 and 1"):
+        trained.model._accuracy_control_quantization_ov(dynamic, trained.datamodule, max_drop=2.0)
 
 
 def test_accuracy_controlled_int8_exports_and_predicts(trained, monkeypatch) -> None:
