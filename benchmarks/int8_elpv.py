@@ -2,14 +2,15 @@
 
 Takes a checkpoint trained on ELPV (the quickstart writes one) and exports it as ``anomalib export``
 would: FP32 (also with bf16 allowed, ``python -m anomalib_dadf.deploy --allow-bf16``, at the CPU's
-default precision), INT8 (weights only), INT8_PTQ (DADF's scheme: calibrated on training cells, NNCF's
-Transformer preset where the export holds the Transformer, a fixed-size export's resize kept in float)
-and, for comparison, INT8_PTQ with anomalib's default scheme (calibrated on the validation split, 10 %
-of the training cells with synthetic anomalies). It scores the validation
-images and every test cell through anomalib's ``OpenVINOInferencer`` at f32 and reports the
-Spearman correlation of each variant's image scores with FP32's on the validation images (how the
-PTQ scheme was chosen: it needs no test data), image AUROC on the test cells, and the median
-milliseconds per test image (batch 1, image reading included), the variants interleaved image by image.
+default precision), INT8 (weights only), INT8_PTQ (DADF's scheme: calibrated on training cells,
+NNCF's Transformer preset where the export holds the Transformer, a fixed-size export's resize kept
+in float), INT8_ACQ (the same, with NNCF's accuracy control on the validation split) and, for
+comparison, INT8_PTQ with anomalib's default scheme (calibrated on the validation split, 10 % of the
+training cells with synthetic anomalies). It scores the validation images and every test cell
+through anomalib's ``OpenVINOInferencer`` at f32 and reports the Spearman correlation of each
+variant's image scores with FP32's on the validation images (how the PTQ scheme was chosen: it needs
+no test data), image AUROC on the test cells, and the median milliseconds per test image (batch 1,
+image reading included), the variants interleaved image by image.
 With ``--input-size H W`` every variant is exported for images of that size (ELPV's cells: 300 300),
 which keeps the trained antialiased resize inside the export; without it the exports take any size
 and resize without antialiasing (the README's deployment section).
@@ -53,6 +54,7 @@ VARIANTS = {
     "FP32, bf16 allowed (CPU default precision)": (Dadf, None, True),
     "INT8 (weights)": (Dadf, CompressionType.INT8, False),
     "INT8_PTQ": (Dadf, CompressionType.INT8_PTQ, False),
+    "INT8_ACQ (max_drop 0.01 of image F1 on the validation split)": (Dadf, CompressionType.INT8_ACQ, False),
     "INT8_PTQ, anomalib's default scheme": (AnomalibDefaultPtq, CompressionType.INT8_PTQ, False),
 }
 
