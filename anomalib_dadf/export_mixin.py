@@ -47,7 +47,7 @@ def _resize_products(model: "ov.Model") -> list[str]:
     return names
 
 
-def _check_calibration_size(model: "ov.Model", images: torch.Tensor) -> None:
+def _check_calibration_size(model: "ov.Model", image: torch.Tensor, mode: str) -> None:
     """Refuse calibration images of another size than the export takes, naming the fix.
 
     Raises:
@@ -57,10 +57,10 @@ def _check_calibration_size(model: "ov.Model", images: torch.Tensor) -> None:
     if not (shape[2].is_static and shape[3].is_static):
         return
     size = (shape[2].get_length(), shape[3].get_length())
-    found = tuple(images.shape[-2:])
+    found = tuple(image.shape[-2:])
     if found != size:
         msg = (
-            f"INT8_PTQ calibrates on the training images of the data module, which are {found[0]}x{found[1]}, but this "
+            f"{mode} calibrates on the training images of the data module, which are {found[0]}x{found[1]}, but this "
             f"export takes {size[0]}x{size[1]} images: export for the training images' size (input_size "
             f"[{found[0]}, {found[1]}]), or without input_size."
         )
@@ -217,7 +217,7 @@ class DadfExportMixin:
             )
             raise ValueError(msg)
         datamodule.setup("fit")
-        _check_calibration_size(model, next(iter(datamodule.train_dataloader())).image)
+        _check_calibration_size(model, datamodule.train_data[0].image, mode)
         resize = _resize_products(model)
         return {
             "calibration_dataset": nncf.Dataset(datamodule.train_dataloader(), lambda batch: batch.image),

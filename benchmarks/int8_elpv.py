@@ -4,8 +4,9 @@ Takes a checkpoint trained on ELPV (the quickstart writes one) and exports it as
 would: FP32 (also with bf16 allowed, ``python -m anomalib_dadf.deploy --allow-bf16``, at the CPU's
 default precision), INT8 (weights only), INT8_PTQ (DADF's scheme: calibrated on training cells,
 NNCF's Transformer preset where the export holds the Transformer, a fixed-size export's resize kept
-in float), INT8_ACQ (the same, with NNCF's accuracy control on the validation split) and, for
-comparison, INT8_PTQ with anomalib's default scheme (calibrated on the validation split, 10 % of the
+in float; also with the Transformer preset whatever the export holds), INT8_ACQ (the same, with
+NNCF's accuracy control on the validation split) and, for comparison, INT8_PTQ with anomalib's
+default scheme (calibrated on the validation split, 10 % of the
 training cells with synthetic anomalies). It scores the validation images and every test cell
 through anomalib's ``OpenVINOInferencer`` at f32 and reports the Spearman correlation of each
 variant's image scores with FP32's on the validation images (how the PTQ scheme was chosen: it needs
@@ -48,12 +49,22 @@ class AnomalibDefaultPtq(Dadf):
     _post_training_quantization_ov = staticmethod(AnomalibModule._post_training_quantization_ov)
 
 
+class TransformerSchemePtq(Dadf):
+    """DADF's INT8_PTQ with NNCF's Transformer scheme whatever the export holds, for comparison."""
+
+    def _quantization_setup(self, *args: object) -> dict:
+        import nncf
+
+        return {**super()._quantization_setup(*args), "model_type": nncf.ModelType.TRANSFORMER}
+
+
 # name: (model class, compression, run at the CPU's default precision without DADF's f32 marking)
 VARIANTS = {
     "FP32": (Dadf, None, False),
     "FP32, bf16 allowed (CPU default precision)": (Dadf, None, True),
     "INT8 (weights)": (Dadf, CompressionType.INT8, False),
     "INT8_PTQ": (Dadf, CompressionType.INT8_PTQ, False),
+    "INT8_PTQ, NNCF's Transformer scheme": (TransformerSchemePtq, CompressionType.INT8_PTQ, False),
     "INT8_ACQ (max_drop 0.01 of image F1 on the validation split)": (Dadf, CompressionType.INT8_ACQ, False),
     "INT8_PTQ, anomalib's default scheme": (AnomalibDefaultPtq, CompressionType.INT8_PTQ, False),
 }
