@@ -21,6 +21,7 @@ from anomalib.data import AnomalibDataModule
 from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.deploy import CompressionType
 from anomalib.pre_processing.utils.transform import get_exportable_transform
+from torch.utils.data import DataLoader
 from torchmetrics import Metric
 from torchvision.transforms.v2 import Compose, Normalize, Resize, Transform
 
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # NNCF's subset_size counts batches; anomalib asks for at least 300 calibration images.
 CALIBRATION_IMAGES = 300
+# Which training images calibrate, and in which order, must not depend on what ran before the export.
+CALIBRATION_SEED = 0
 
 
 def _resize_products(model: "ov.Model") -> list[str]:
@@ -45,6 +48,22 @@ def _resize_products(model: "ov.Model") -> list[str]:
         if node.get_type_name() == "MatMul":
             names.append(node.get_friendly_name())
     return names
+
+
+def _calibration_loader(datamodule: AnomalibDataModule) -> DataLoader:
+    """The training images in one shuffled order, the same on every pass and whatever ran before.
+
+    Shuffled, so that the first ``CALIBRATION_IMAGES`` of a larger training set are not those of one
+    folder; fixed, so that one checkpoint always exports to the same INT8 model.
+    """
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+    return DataLoader(
+        datamodule.train_data,
+        batch_size=datamodule.train_batch_size,
+        sampler=torch.randperm(len(datamodule.train_data), generator=generator).tolist(),
+        num_workers=datamodule.num_workers,
+        collate_fn=datamodule.external_collate_fn or datamodule.train_data.collate_fn,
+    )
 
 
 def _check_calibration_size(model: "ov.Model", image: torch.Tensor, mode: str) -> None:
@@ -198,11 +217,11 @@ class DadfExportMixin:
     def _quantization_setup(self, model: "ov.Model", datamodule: AnomalibDataModule | None, mode: str) -> dict:
         """Calibration data and scheme of DADF's INT8 quantization, as keyword arguments of NNCF's quantizers.
 
-        Calibration: up to 300 normal training images. Scheme: NNCF's for Transformers (LayerNorms,
-        softmax inputs and residual sums stay in float) when the export holds the Transformer; a flow on
-        the prior alone is a CNN and gets NNCF's default scheme, whose scores agree better with FP32's
-        there (``benchmarks/int8_elpv.py``). The two matrix products that resize the images of an export
-        for a fixed input size stay in float: quantized, they scrambled the scores.
+        Calibration: up to 300 normal training images, in a fixed shuffled order. Scheme: NNCF's for
+        Transformers (LayerNorms, softmax inputs and residual sums stay in float) when the export holds
+        the Transformer; a flow on the prior alone is a CNN and gets NNCF's default scheme, whose scores
+        agree better with FP32's there (``benchmarks/int8_elpv.py``). The two matrix products that resize
+        the images of an export for a fixed input size stay in float: quantized, they scrambled the scores.
 
         Raises:
             ValueError: No data module to calibrate on (the message starts as anomalib's), or training
@@ -220,7 +239,7 @@ class DadfExportMixin:
         _check_calibration_size(model, datamodule.train_data[0].image, mode)
         resize = _resize_products(model)
         return {
-            "calibration_dataset": nncf.Dataset(datamodule.train_dataloader(), lambda batch: batch.image),
+            "calibration_dataset": nncf.Dataset(_calibration_loader(datamodule), lambda batch: batch.image),
             "model_type": nncf.ModelType.TRANSFORMER if self.model.uses_reconstructions else None,
             "ignored_scope": nncf.IgnoredScope(names=resize) if resize else None,
             "subset_size": max(1, CALIBRATION_IMAGES // datamodule.train_batch_size),

@@ -132,18 +132,27 @@ def test_ptq_calibrates_on_training_images_with_the_scheme_of_the_exported_netwo
 
     def spy(model: object, **kwargs: object) -> object:
         calls["images"] = sum(len(item) for item in kwargs["calibration_dataset"].get_inference_data())
+        calls.setdefault("orders", []).append(
+            [path for batch in kwargs["calibration_dataset"].get_data() for path in batch.image_path],
+        )
         calls.update(kwargs)
         return model
 
     dynamic = ov.Core().read_model(trained.model.to_openvino(tmp_path / "dynamic"))
     monkeypatch.setattr(nncf, "quantize", spy)
+    torch.manual_seed(1)
     trained.model._post_training_quantization_ov(dynamic, trained.datamodule)
     assert calls["model_type"] == nncf.ModelType.TRANSFORMER, "the export holds the Transformer"
     assert calls["ignored_scope"] is None, "a dynamic-size export has no resize to keep in float"
     assert calls["images"] == len(trained.datamodule.train_data), "every training image, none from validation"
     prior_only = Dadf(**TINY_MODEL, flow_inputs=["prior"], pre_processor=small_pre_processor())
+    torch.manual_seed(2)
     prior_only._post_training_quantization_ov(dynamic, trained.datamodule)
     assert calls["model_type"] is None, "a flow on the prior alone is a CNN: NNCF's default scheme"
+    first, second = calls["orders"]
+    assert first == second, "the calibration order does not follow the global random state"
+    assert sorted(first) == sorted(trained.datamodule.train_data.samples["image_path"])
+    assert first != sorted(first), "shuffled, so that a large training set does not calibrate on one folder"
     # anomalib's own test of the missing data module matches its wording; DADF's explanation follows it.
     with pytest.raises(ValueError, match=r"^Datamodule must be provided for OpenVINO INT8_PTQ compression: DADF calibrates"):
         trained.model._post_training_quantization_ov(dynamic, None)
