@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_dadf.data import MVTec
-from anomalib_dadf.data.validation import make_validation_set
+from anomalib_dadf.data import MVTec, make_elpv_dataset
+from anomalib_dadf.data import validation as validation_module
+from anomalib_dadf.data.validation import make_validation_set, write_uncertain_cells
 
 
 def test_held_out_training_images_and_their_anomalous_copies(mvtec_root: Path, tmp_path: Path) -> None:
@@ -106,3 +107,29 @@ def test_cutpaste_copies_carry_a_rectangle_of_another_held_out_image(mvtec_root:
 def _contains(image: np.ndarray, patch: np.ndarray) -> bool:
     windows = np.lib.stride_tricks.sliding_window_view(image, patch.shape)
     return bool((windows == patch).all(axis=tuple(range(-patch.ndim, 0))).any())
+
+
+def test_uncertain_elpv_cells_are_copied_and_lie_in_no_split_of_the_default_protocol(tmp_path: Path) -> None:
+    cells = {"a": (0.0, "mono"), "b": (1 / 3, "mono"), "c": (2 / 3, "mono"), "d": (1.0, "mono"), "e": (1 / 3, "poly")}
+    root = tmp_path / "elpv"
+    (root / "images").mkdir(parents=True)
+    for name in cells:
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(root / "images" / f"{name}.png")
+    rows = (f"images/{name}.png {probability} {kind}" for name, (probability, kind) in cells.items())
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    assert write_uncertain_cells(tmp_path / "uncertain", "mono", root) == 2
+    copied = sorted((tmp_path / "uncertain").glob("*.png"))
+    assert [path.stem for path in copied] == ["b", "c"], "mono's 1/3 and 2/3 cells, not poly's"
+    assert Image.open(copied[0]).mode == "RGB"
+    assert {"b", "c"}.isdisjoint(Path(path).stem for path in make_elpv_dataset(root, "mono")["image_path"])
+
+
+def test_uncertain_cells_without_elpv_are_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setattr("sys.argv", ["validation", str(tmp_path / "out"), "--images", str(tmp_path), "--uncertain-cells"])
+    with pytest.raises(SystemExit):
+        validation_module.main()
+    assert "--uncertain-cells needs --elpv" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists(), "refused before anything is written"

@@ -21,6 +21,12 @@ Its "test" split is a validation split: no test image of the source data set is 
 configuration on it is not tuning on test data. Load it with ``anomalib_dadf.data.MVTec(root=ROOT,
 category="validation")``.
 
+For ELPV, ``--uncertain-cells`` also copies the category's cells with defect probability 1/3 or 2/3 to
+``test/uncertain`` (no masks). They are real, possibly defective cells that no ELPV test set holds
+unless ``include_uncertain`` is set, but they are not training images: choosing a setting on them is a
+change of protocol, to be declared as such. Load that folder with anomalib's ``Folder`` (``normal_dir``
+``train/good``, ``normal_test_dir`` ``test/good``, ``abnormal_dir`` ``test/uncertain``).
+
 Example:
     python -m anomalib_dadf.data.validation datasets/tuning/brick --images datasets/benchmark/textures/brick/train/good
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono --elpv mono
@@ -28,6 +34,7 @@ Example:
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_faint_cracks --elpv mono --anomalies perlin crack \
         --crack-darkening 0.1 0.4
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_cutpaste --elpv mono --anomalies cutpaste
+    python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_uncertain --elpv mono --uncertain-cells
 """
 
 import argparse
@@ -180,6 +187,25 @@ def make_validation_set(
     return root
 
 
+def write_uncertain_cells(folder: Path, category: str, root: Path | None = None) -> int:
+    """Copy one ELPV category's cells with defect probability 1/3 or 2/3 into ``folder``, as RGB PNGs.
+
+    Args:
+        folder: Where to write them (made if missing).
+        category: ``"mono"`` or ``"poly"``.
+        root: ELPV folder with ``labels.csv`` and ``images/``; ``None`` for the installed package.
+
+    Returns:
+        int: How many cells were written.
+    """
+    samples = make_elpv_dataset(root, category, include_uncertain=True)
+    uncertain = samples.loc[samples["defect_probability"].between(0, 1, inclusive="neither"), "image_path"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in uncertain:
+        Image.open(path).convert("RGB").save(folder / f"{Path(path).stem}.png")
+    return len(uncertain)
+
+
 def main() -> None:
     """Write a tuning set from the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,7 +220,13 @@ def main() -> None:
         "--crack-darkening", nargs=2, type=float, default=[0.4, 0.9], metavar=("LOW", "HIGH"),
         help="range of the share by which cracks darken the cell",
     )
+    parser.add_argument(
+        "--uncertain-cells", action="store_true",
+        help="with --elpv: also copy the cells of defect probability 1/3 or 2/3 to test/uncertain (real, not training, cells)",
+    )
     arguments = parser.parse_args()
+    if arguments.uncertain_cells and arguments.elpv is None:
+        parser.error("--uncertain-cells needs --elpv: only ELPV has cells of uncertain defect probability.")
     if arguments.images is not None:
         images = sorted(arguments.images.glob("*.png"))
     else:
@@ -208,6 +240,9 @@ def main() -> None:
         anomalies=arguments.anomalies,
         crack_darkening=tuple(arguments.crack_darkening),
     )
+    if arguments.uncertain_cells:
+        written = write_uncertain_cells(arguments.root / "validation" / "test" / "uncertain", arguments.elpv)
+        print(f"Copied {written} cells of uncertain defect probability")
     print(f"Wrote {arguments.root / 'validation'}")
 
 
