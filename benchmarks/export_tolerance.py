@@ -6,9 +6,12 @@ export, loaded with OpenVINO's default settings as a user loads it, with the Lig
 test images (``anomalib_dadf.parity``). FP32 is also run without DADF's f32 marking
 (``anomalib_dadf.deploy.allow_bf16``), both at the CPU's default precision (bf16 where the CPU has it) and pinned
 to f32. The worst case over seeds is what the test suite's tolerances are set from; INT8 kernels
-differ between CPUs, so the CPU's instruction sets are written beside the table.
+differ between CPUs, so the CPU's instruction sets are written beside the table. ``--flow-inputs prior``
+measures the views of the quickstart's chosen setting (a flow on the prior alone, no Transformer in
+the export) on the same tiny model.
 
     python benchmarks/export_tolerance.py            # writes benchmarks/results/export_tolerance.md
+    python benchmarks/export_tolerance.py --flow-inputs prior --output benchmarks/results/export_tolerance_prior.md
 """
 
 import argparse
@@ -42,14 +45,17 @@ VARIANTS = {
 }
 
 
-def measure(seed: int, work: Path) -> dict[str, dict[str, float]]:
+def measure(seed: int, work: Path, flow_inputs: list[str]) -> dict[str, dict[str, float]]:
     root = make_mvtec(work / "data")
     seed_everything(seed)
     datamodule = MVTec(
         root=root, category="widget", train_batch_size=4, eval_batch_size=4, num_workers=0,
         val_split_mode="synthetic", val_split_ratio=0.25, seed=0,
     )
-    model = Dadf(**TINY_MODEL, reconstruction_epochs=2, flow_epochs=3, pre_processor=small_pre_processor())
+    model = Dadf(
+        **TINY_MODEL, reconstruction_epochs=2, flow_epochs=3, flow_inputs=flow_inputs,
+        pre_processor=small_pre_processor(),
+    )
     Engine(default_root_dir=work, accelerator="cpu", devices=1).train(model=model, datamodule=datamodule)
     images = sorted((root / "widget" / "test").rglob("*.png"))
     expected = lightning_predictions(model, images)
@@ -68,6 +74,7 @@ def measure(seed: int, work: Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--flow-inputs", nargs="+", default=["prior", "local", "global"], metavar="VIEW")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "export_tolerance.md")
     arguments = parser.parse_args()
 
@@ -76,7 +83,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             os.chdir(scratch)  # the inferencer writes its compile cache into the working directory
             try:
-                runs.append(measure(seed, Path(scratch)))
+                runs.append(measure(seed, Path(scratch), arguments.flow_inputs))
             finally:
                 os.chdir(start)
     core = ov.Core()
@@ -85,8 +92,9 @@ def main() -> None:
         f"{core.get_property('CPU', 'INFERENCE_PRECISION_HINT').get_type_name()}; capabilities "
         f"{', '.join(core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES'))}"
     )
+    views = " ".join(arguments.flow_inputs)
     lines = [
-        f"# Export tolerance (`python benchmarks/export_tolerance.py --seeds {arguments.seeds}`)",
+        f"# Export tolerance (`python benchmarks/export_tolerance.py --seeds {arguments.seeds} --flow-inputs {views}`)",
         "",
         "Worst case over seeds of each export against the Lightning model on the toy test images:",
         "score error = max |score difference| / score range; labels = share of equal labels (worst seed).",
