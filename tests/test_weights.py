@@ -84,6 +84,7 @@ def test_missing_pretrained_weights_offline_name_the_fix(offline_cache: Path, mv
         Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1).fit(model=model, datamodule=datamodule)
 
 
+@pytest.mark.usefixtures("offline_cache")  # the local file is the only source: any hub access fails the test
 def test_local_backbone_weights_are_loaded_and_checked(mvtec_root: Path, tmp_path: Path) -> None:
     weights = timm.create_model("resnet18", pretrained=False).state_dict()
     good = tmp_path / "resnet18.safetensors"
