@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and generated data, all offline."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,22 @@ def small_pre_processor(size: int = 64) -> PreProcessor:
 def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated MVTec AD-style data set with one category, ``widget``."""
     return make_mvtec(tmp_path_factory.mktemp("mvtec"))
+
+
+@pytest.fixture
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache with the hub switched off (huggingface_hub reads the env at import).
+
+    Any network connection fails the test, so weights can only come from this cache or a local file.
+    """
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        msg = "a test tried to reach the network"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    return cache

