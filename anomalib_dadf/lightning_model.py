@@ -4,7 +4,9 @@ One ``anomalib train`` run trains both of DADF's stages: for ``reconstruction_ep
 Transformer learns to reconstruct the frozen prior (AdamW), then for ``flow_epochs`` epochs the
 flows learn the likelihood of [prior, local, global] with the Transformer frozen (Adam). With
 ``reconstruction_patience`` set, stage 1 instead ends once the reconstruction loss of held-out normal
-training images stops improving (``reconstruction_epochs`` is then the cap). The stage follows from the
+training images stops improving (``reconstruction_epochs`` is then the cap); with ``flow_patience`` set,
+stage 2 ends once the flows' likelihood of the validation split's normal images stops improving
+(``flow_epochs`` is then the cap). The stage follows from the
 epoch counter and the epoch stage 2 began at (saved with checkpoints), so resuming from a checkpoint
 continues in the right stage with both optimizers' states.
 
@@ -59,7 +61,15 @@ from .components import (
 )
 from .export_mixin import DadfExportMixin
 from .loss import FlowLoss, ReconstructionLoss
-from .metrics import SPRO, FieldAwareEvaluator
+from .metrics import (
+    SPRO,
+    FieldAwareEvaluator,
+    HeldOutFlowNll,
+    HeldOutFlowStopMixin,
+    check_flow_objective,
+    held_out_flow_stop,
+    with_norm_log_jacobians,
+)
 from .post_processing import FalseAlarmPostProcessor
 from .torch_model import DadfModel
 
@@ -98,7 +108,7 @@ class TrainingDivergedError(RuntimeError):
     """A loss or its gradients stopped being finite; raised before the optimizer takes the step."""
 
 
-class Dadf(DadfExportMixin, AnomalibModule):
+class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
     """DADF: Dual-Attention Transformer and Discriminative Flow.
 
     Args:
@@ -134,7 +144,19 @@ class Dadf(DadfExportMixin, AnomalibModule):
         reconstruction_holdout (float): Share of the training images held out of stage 1 to measure that loss
             (a fixed random choice, at least one image); stage 2 trains on all. Used only with
             ``reconstruction_patience``. Defaults to ``0.1``.
-        flow_epochs (int): Epochs of stage 2 (flows). Defaults to ``15``.
+        flow_epochs (int): Epochs of stage 2 (flows); the cap when ``flow_patience`` is set. Defaults to ``15``.
+        flow_patience (int | None): End stage 2 once the flows' negative log-likelihood of the validation
+            split's normal images (logged as ``held_out_flow_nll``, per latent dimension, every stage-2 epoch)
+            has not improved by 0.001 for this many epochs (Lightning's ``EarlyStopping``); the flows keep
+            the last epoch's weights. Validation images should be training images (``val_split_mode``
+            ``from_train`` or ``synthetic``); a split taken from the test set gets a warning. ``None`` trains
+            stage 2 for exactly ``flow_epochs``. Defaults to ``None``.
+        flow_objective (str): ``"paper"`` (DADF's and FastFlow's maximum-likelihood loss) or ``"exact"`` (the
+            same plus the log-determinant of the LayerNorm's elementwise affine map in front of each flow).
+            The paper's loss trains that map but leaves its log-determinant out, so it falls without bound
+            as the map's weights shrink, and past some epochs the flows' likelihood of held-out normal images
+            gets worse (:mod:`anomalib_dadf.metrics.held_out_nll`); ``"exact"`` is the likelihood of the
+            layer-normalised features, bounded below. Defaults to ``"paper"``.
         reconstruction_lr (float): AdamW learning rate of stage 1. Defaults to ``1e-4``.
         flow_lr (float): Adam learning rate of stage 2. Defaults to ``1e-3``.
         flow_weight_decay (float): Adam weight decay of stage 2. Defaults to ``1e-5``.
@@ -165,8 +187,8 @@ class Dadf(DadfExportMixin, AnomalibModule):
 
     Raises:
         ValueError: On a configuration that cannot work: unknown backbone or layers, not three
-            layers, an input size the token grid cannot take, a stage without epochs, or a held-out
-            share outside (0, 1) for the stage-1 stop.
+            layers, an input size the token grid cannot take, a stage without epochs, a held-out
+            share outside (0, 1) for the stage-1 stop, a flow patience below 1, or an unknown flow objective.
     """
 
     def __init__(
@@ -189,6 +211,8 @@ class Dadf(DadfExportMixin, AnomalibModule):
         reconstruction_patience: int | None = None,
         reconstruction_holdout: float = 0.1,
         flow_epochs: int = 15,
+        flow_patience: int | None = None,
+        flow_objective: str = "paper",
         reconstruction_lr: float = 1e-4,
         flow_lr: float = 1e-3,
         flow_weight_decay: float = 1e-5,
@@ -238,6 +262,10 @@ class Dadf(DadfExportMixin, AnomalibModule):
         self._plateau = None if reconstruction_patience is None else Plateau(reconstruction_patience)
         self._held_out: frozenset[str] = frozenset()
         self.held_out_loss = MeanMetric()
+        self.held_out_flow_nll = HeldOutFlowNll()
+        if flow_patience is not None:
+            held_out_flow_stop(flow_patience)  # refuses a patience that cannot work before any training
+        check_flow_objective(flow_objective)
         # Two stages with two optimizers of different kinds: Lightning needs manual optimization for that.
         self.automatic_optimization = False
 
@@ -329,7 +357,7 @@ class Dadf(DadfExportMixin, AnomalibModule):
         return FalseAlarmPostProcessor()
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's component callbacks, plus naming (and, when predicting, skipping) unreadable images."""
+        """anomalib's component callbacks, the flow stop, and naming (when predicting, skipping) unreadable images."""
         return [*super().configure_callbacks(), UnreadableImages()]
 
     @staticmethod
@@ -416,7 +444,10 @@ class Dadf(DadfExportMixin, AnomalibModule):
                 if self.model.uses_reconstructions
                 else []
             )
-            loss = self.loss(*self.model.discriminate(priors, views[: len(priors)], views[len(priors) :]))
+            latents, log_jacobians = self.model.discriminate(priors, views[: len(priors)], views[len(priors) :])
+            if self.hparams["flow_objective"] == "exact":
+                log_jacobians = with_norm_log_jacobians(log_jacobians, [flow.norm for flow in self.model.flows])
+            loss = self.loss(latents, log_jacobians)
             self._stop_if_diverged("loss", loss)
             # Summed over images here and divided by their count at the step: the gradient of the mean over the
             # accumulated images, exactly that of one batch of flow_batch_size when it is a multiple of this batch.
@@ -580,10 +611,17 @@ class Dadf(DadfExportMixin, AnomalibModule):
         raise TrainingDivergedError(msg)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Score a validation batch (from cached priors during training); anomalib's post-processor learns thresholds from it."""
+        """Score a validation batch (from cached priors during training); anomalib's post-processor learns thresholds from it.
+
+        In stage 2 the flows' likelihood of the batch's normal images is measured as well (untrained flows say nothing).
+        """
         del args, kwargs
         priors = self._cached("validation priors", batch, lambda: self.model.extract_priors(batch.image))
-        return batch.update(**self.model.score(priors)._asdict())
+        latents, log_jacobians = self.model.flow(priors)
+        if self.stage == Stage.FLOW:
+            norms = [flow.norm for flow in self.model.flows]
+            self.held_out_flow_nll.update(latents, log_jacobians, norms, batch.gt_label)
+        return batch.update(**self.model.score_latents(latents)._asdict())
 
     def configure_optimizers(self) -> list[optim.Optimizer]:
         """One optimizer per stage: AdamW for the Transformer, Adam for the flows."""

@@ -152,7 +152,15 @@ class DadfModel(nn.Module):
 
     def score(self, priors: Sequence[torch.Tensor]) -> InferenceBatch:
         """Score images from their priors (as :meth:`extract_priors` gives them), as :meth:`forward` does."""
+        latents, _ = self.flow(priors)
+        return self.score_latents(latents)
+
+    def flow(self, priors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Latents and log-Jacobian determinants of the flows from the priors, reconstructing them when the flows need it."""
         reconstructions = self.reconstruct(priors) if self.uses_reconstructions else ([], [])
-        latents, _ = self.discriminate(priors, *reconstructions)
-        anomaly_map = self.anomaly_map_generator(latents)
+        return self.discriminate(priors, *reconstructions)
+
+    def score_latents(self, latents: Sequence[torch.Tensor]) -> InferenceBatch:
+        """Anomaly map and image score (the map's maximum) of the flows' latents."""
+        anomaly_map = self.anomaly_map_generator(list(latents))
         return InferenceBatch(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)

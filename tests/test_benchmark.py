@@ -12,7 +12,7 @@ import yaml
 
 from anomalib_dadf.benchmark import TimmFastflow, import_class
 from anomalib_dadf.benchmark.__main__ import cap_seeds, merged
-from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator
+from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, measure
 from anomalib_dadf.benchmark.report import ranking, summarise
 from anomalib_dadf.data.synthetic import make_mvtec_loco
 
@@ -187,6 +187,39 @@ def test_ranking_averages_metrics_then_data_sets() -> None:
     assert ranking(summarise(results), ["image_AUROC", "pixel_AUROC"]).splitlines()[2:] == [
         "| 1 | B | 0.800 |", "| 2 | A | 0.700 |",
     ]
+
+
+def test_ranking_puts_the_lowest_first_for_metrics_where_lower_is_better() -> None:
+    results = pd.DataFrame({
+        "data": ["x", "x", "y", "y"], "model": ["A", "B", "A", "B"], "seed": [0, 0, 0, 0],
+        "held_out_flow_nll": [-0.5, -0.9, -0.7, -0.6], "image_AUROC": [0.9, 0.8, 0.7, 0.6],
+    })
+    assert ranking(summarise(results), ["held_out_flow_nll"]).splitlines()[2:] == [
+        "| 1 | B | -0.750 |", "| 2 | A | -0.600 |",
+    ]
+    with pytest.raises(ValueError, match="better when lower"):
+        ranking(summarise(results), ["held_out_flow_nll", "image_AUROC"])
+
+
+def test_a_fit_only_run_tests_nothing_and_keeps_the_held_out_nll(mvtec_root: Path) -> None:
+    spec = next(DadfBenchmarkJobGenerator().generate_jobs({
+        "models": [{
+            "name": "DADF",
+            "class_path": "anomalib_dadf.Dadf",
+            "init_args": {**TINY_MODEL, "reconstruction_epochs": 1, "flow_epochs": 2},
+        }],
+        "data": [{
+            "name": "toy",
+            "class_path": "anomalib_dadf.data.MVTec",
+            "init_args": {"root": str(mvtec_root), "category": "widget", "num_workers": 0, "train_batch_size": 4},
+        }],
+        "input_size": [64, 64],
+        "fit_only": True,
+    })).spec
+    row = measure(spec)
+    assert row["epochs"] == 3
+    assert row["held_out_flow_nll"] == pytest.approx(row["held_out_flow_nll"]), "a number, not NaN"
+    assert not {"image_AUROC", "test_s", "ms_per_image"} & set(row)
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "configs").glob("*.yaml")

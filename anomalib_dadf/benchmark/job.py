@@ -31,7 +31,7 @@ from lightning.pytorch import seed_everything
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_dadf.components import input_statistics
-from anomalib_dadf.metrics import SPRO, FieldAwareEvaluator
+from anomalib_dadf.metrics import HELD_OUT_FLOW_NLL, SPRO, FieldAwareEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,10 @@ def build(spec: dict[str, Any]) -> tuple[AnomalibDataModule, AnomalibModule, dic
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Fit and test one model on one data set; meant to run in a fresh process."""
+    """Fit and test one model on one data set (with ``fit_only``, only fit it); meant to run in a fresh process.
+
+    A flow model's last logged likelihood of held-out normal images (``held_out_flow_nll``) is kept in the row.
+    """
     seed_everything(spec["seed"])
     datamodule, model, trainer_arguments = build(spec)
     with tempfile.TemporaryDirectory() as scratch:
@@ -101,16 +104,27 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
         engine.fit(model=model, datamodule=datamodule)
         fitted = time.perf_counter()
+        held_out = engine.trainer.callback_metrics.get(HELD_OUT_FLOW_NLL)
+        # What the optimizers train; a frozen backbone and a memory bank are not counted.
+        trained = {
+            id(parameter): parameter.numel()
+            for optimizer in engine.trainer.optimizers
+            for group in optimizer.param_groups
+            for parameter in group["params"]
+            if parameter.requires_grad
+        }
+        row = {
+            "fit_s": fitted - start,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "trainable_params": sum(trained.values()),
+            "train_images": len(datamodule.train_data),
+            "epochs": engine.trainer.current_epoch,
+            **({} if held_out is None else {HELD_OUT_FLOW_NLL: float(held_out)}),
+        }
+        if spec.get("fit_only"):
+            return row
         (metrics,) = engine.test(model=model, datamodule=datamodule)
         tested = time.perf_counter()
-    # What the optimizers train; a frozen backbone and a memory bank are not counted.
-    trained = {
-        id(parameter): parameter.numel()
-        for optimizer in engine.trainer.optimizers
-        for group in optimizer.param_groups
-        for parameter in group["params"]
-        if parameter.requires_grad
-    }
 
     images = next(iter(datamodule.test_dataloader())).image.to(model.device)
     model.eval()
@@ -122,13 +136,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             model(images)
             durations.append((time.perf_counter() - begin) * 1000 / len(images))
     return {
-        "fit_s": fitted - start,
+        **row,
         "test_s": tested - fitted,
         "ms_per_image": statistics.median(durations),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "trainable_params": sum(trained.values()),
-        "train_images": len(datamodule.train_data),
-        "epochs": engine.trainer.current_epoch,
         **{name: float(metrics[name]) for name in METRICS if name in metrics},
     }
 
@@ -138,7 +149,7 @@ class DadfBenchmarkJob(Job):
 
     Args:
         spec: ``model`` and ``data`` (``name``, ``class_path``, ``init_args``; a model may add
-            ``max_epochs`` and ``input_size``), ``seed``, ``input_size`` and ``accelerator``.
+            ``max_epochs`` and ``input_size``), ``seed``, ``input_size``, ``accelerator`` and ``fit_only``.
     """
 
     name = "benchmark"
@@ -221,6 +232,7 @@ class DadfBenchmarkJobGenerator(JobGenerator):
                         "seed": seed,
                         "input_size": list(model.get("input_size", args.get("input_size", [256, 256]))),
                         "accelerator": args.get("accelerator", "cpu"),
+                        "fit_only": bool(args.get("fit_only", False)),
                     })
 
 

@@ -3,16 +3,27 @@
 anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path (timm
 ``features_only`` maps at ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is
 generic. ``TimmFastflow`` routes another timm CNN through exactly that path; the benchmark table
-names the model ``TimmFastflow`` wherever it does so. It also takes DADF's choice of anomaly map, so
-that a scoring that DADF is tuned over is open to FastFlow too.
+names the model ``TimmFastflow`` wherever it does so. It also takes DADF's choice of anomaly map and
+DADF's stop on the flows' likelihood of held-out normal images and its choice of flow objective, so
+that what DADF is tuned over is open to FastFlow too.
 """
 
 import timm
+import torch
+from anomalib.data import Batch
 from anomalib.models import Fastflow
 from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator
+from anomalib_dadf.metrics import (
+    HeldOutFlowNll,
+    HeldOutFlowStopMixin,
+    check_flow_objective,
+    held_out_flow_stop,
+    with_norm_log_jacobians,
+)
 
 CNN_OUT_INDICES = [1, 2, 3]
 
@@ -57,8 +68,13 @@ class TimmCnnFastflowModel(FastflowModel):
         )
 
 
-class TimmFastflow(Fastflow):
-    """anomalib's :class:`~anomalib.models.Fastflow` with its CNN path on any timm CNN (see the module docstring)."""
+class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
+    """anomalib's :class:`~anomalib.models.Fastflow` with its CNN path on any timm CNN (see the module docstring).
+
+    ``flow_patience`` ends training once the flows' likelihood of the validation split's normal images
+    (``held_out_flow_nll``, logged every epoch) has not improved for that many epochs, as DADF's does;
+    ``flow_objective`` is DADF's too (``"exact"`` counts the log-determinant of FastFlow's trainable norms).
+    """
 
     def __init__(
         self,
@@ -68,8 +84,13 @@ class TimmFastflow(Fastflow):
         conv3x3_only: bool = False,
         hidden_ratio: float = 1.0,
         anomaly_map: str = "probability",
+        flow_patience: int | None = None,
+        flow_objective: str = "paper",
         **kwargs,
     ) -> None:
+        if flow_patience is not None:
+            held_out_flow_stop(flow_patience)  # refuses a patience that cannot work before any training
+        check_flow_objective(flow_objective)
         super().__init__(
             backbone="resnet18",
             pre_trained=False,
@@ -88,3 +109,28 @@ class TimmFastflow(Fastflow):
             hidden_ratio=hidden_ratio,
         )
         self.model.anomaly_map_generator = AnomalyMapGenerator(self.input_size, kind=anomaly_map)
+        self.held_out_flow_nll = HeldOutFlowNll()
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """FastFlow's training step, with the norms' log-determinant in the loss for the exact objective."""
+        if self.hparams["flow_objective"] == "paper":
+            return super().training_step(batch, *args, **kwargs)
+        del args, kwargs
+        latents, log_jacobians = self.model(batch.image)
+        loss = self.loss(latents, with_norm_log_jacobians(log_jacobians, self.model.norms))
+        self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True)
+        return {"loss": loss}
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Score a validation batch as FastFlow does, and measure the flows' likelihood of its normal images."""
+        del args, kwargs
+        # FastflowModel returns its latents only in training mode, which changes nothing else: it puts its
+        # backbone in eval mode itself, and its norms and flows have no mode-dependent layers.
+        self.model.train()
+        try:
+            latents, log_jacobians = self.model(batch.image)
+        finally:
+            self.model.eval()
+        self.held_out_flow_nll.update(latents, log_jacobians, list(self.model.norms), batch.gt_label)
+        anomaly_map = self.model.anomaly_map_generator(latents)
+        return batch.update(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)

@@ -8,15 +8,20 @@ import pandas as pd
 mpl.use("Agg")
 from matplotlib import pyplot as plt
 
+from anomalib_dadf.metrics import HELD_OUT_FLOW_NLL
+
 from .job import METRICS
 
+# Test metrics, and what a flow model's training says about held-out normal images (lower is better).
+SCORES = [*METRICS, HELD_OUT_FLOW_NLL]
+LOWER_IS_BETTER = {HELD_OUT_FLOW_NLL}
 COSTS = ["fit_s", "test_s", "ms_per_image", "peak_rss_mib", "trainable_params", "train_images", "epochs"]
 GROWTH = {"fit_s": "fit seconds", "ms_per_image": "test ms per image", "peak_rss_mib": "peak memory, MiB"}
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds of every metric and cost, per data set and model."""
-    columns = [column for column in METRICS + COSTS if column in results]
+    columns = [column for column in SCORES + COSTS if column in results]
     grouped = results.groupby(["data", "model"], sort=False)[columns]
     summary = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std")
     summary["seeds"] = grouped.size()
@@ -27,7 +32,7 @@ def _cell(row: pd.Series, column: str) -> str:
     value = row.get(column)
     if value is None or pd.isna(value):
         return "–"  # noqa: RUF001  (an en dash marks an empty cell in the Markdown tables)
-    if column in METRICS:
+    if column in SCORES:
         spread = row.get(f"{column}_std")
         return f"{value:.3f} ± {spread:.3f}" if row["seeds"] > 1 else f"{value:.3f}"
     if column == "trainable_params":
@@ -39,7 +44,7 @@ def _cell(row: pd.Series, column: str) -> str:
 
 def markdown(summary: pd.DataFrame) -> str:
     """One table row per data set and model: mean ± std over seeds."""
-    columns = [column for column in METRICS + COSTS if column in summary and summary[column].notna().any()]
+    columns = [column for column in SCORES + COSTS if column in summary and summary[column].notna().any()]
     header = ["data", "model", "seeds", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.iterrows():
@@ -49,8 +54,18 @@ def markdown(summary: pd.DataFrame) -> str:
 
 
 def ranking(summary: pd.DataFrame, metrics: list[str]) -> str:
-    """Models ranked by the mean over data sets of the mean of ``metrics`` (each itself a mean over seeds)."""
-    score = summary[metrics].mean(axis=1).groupby(summary["model"], sort=False).mean().sort_values(ascending=False)
+    """Models ranked by the mean over data sets of the mean of ``metrics`` (each itself a mean over seeds).
+
+    The best comes first: the highest score, or the lowest when every metric is one where lower is better.
+
+    Raises:
+        ValueError: ``metrics`` mixes metrics where higher is better with ones where lower is.
+    """
+    lower = {metric in LOWER_IS_BETTER for metric in metrics}
+    if len(lower) > 1:
+        msg = f"Cannot rank by {metrics}: {sorted(LOWER_IS_BETTER)} are better when lower, the others when higher."
+        raise ValueError(msg)
+    score = summary[metrics].mean(axis=1).groupby(summary["model"], sort=False).mean().sort_values(ascending=lower.pop())
     lines = ["| rank | model | score |", "|---|---|---|"]
     lines += [f"| {rank} | {model} | {value:.3f} |" for rank, (model, value) in enumerate(score.items(), start=1)]
     return "\n".join(lines)
@@ -108,7 +123,10 @@ def write_report(
     summary = summarise(results)
     errors = results[results["error"].notna()] if "error" in results else results.iloc[0:0]
     failed = [f"- {row.data} / {row.model} / seed {row.seed}: {row.error}" for row in errors.itertuples()]
-    text = f"{header}\n\n{markdown(summary)}\n\n![image AUROC](image_auroc.png)\n"
+    text = f"{header}\n\n{markdown(summary)}\n"
+    if "image_AUROC" in summary:
+        plot(summary, output / "image_auroc.png")
+        text += "\n![image AUROC](image_auroc.png)\n"
     if rank_by:
         text += f"\nRanking by the mean of {', '.join(rank_by)} over the data sets:\n\n{ranking(summary, rank_by)}\n"
     if growth:
@@ -117,6 +135,4 @@ def write_report(
     if failed:
         text += "\nFailed runs:\n\n" + "\n".join(failed) + "\n"
     (output / "summary.md").write_text(text)
-    if "image_AUROC" in summary:
-        plot(summary, output / "image_auroc.png")
     return output / "summary.md"

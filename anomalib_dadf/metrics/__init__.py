@@ -1,9 +1,31 @@
 """Metrics and evaluation that DADF adds to anomalib's: sPRO for MVTec LOCO, an evaluator that reports only
-defined metrics, and a threshold at a false-positive rate."""
+defined metrics, a threshold at a false-positive rate, and the flows' likelihood of held-out normal images."""
 
 from .evaluator import FieldAwareEvaluator
+from .held_out_nll import (
+    FLOW_OBJECTIVES,
+    HELD_OUT_FLOW_NLL,
+    HeldOutFlowNll,
+    HeldOutFlowStopMixin,
+    check_flow_objective,
+    held_out_flow_stop,
+    with_norm_log_jacobians,
+)
 from .spro import SPRO
 from .spro_curve import Defect, spro_auc
 from .threshold import FalsePositiveRateThreshold
 
-__all__ = ["SPRO", "Defect", "FalsePositiveRateThreshold", "FieldAwareEvaluator", "spro_auc"]
+__all__ = [
+    "FLOW_OBJECTIVES",
+    "HELD_OUT_FLOW_NLL",
+    "SPRO",
+    "Defect",
+    "FalsePositiveRateThreshold",
+    "FieldAwareEvaluator",
+    "HeldOutFlowNll",
+    "HeldOutFlowStopMixin",
+    "check_flow_objective",
+    "held_out_flow_stop",
+    "spro_auc",
+    "with_norm_log_jacobians",
+]

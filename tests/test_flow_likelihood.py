@@ -1,0 +1,185 @@
+"""The flows' likelihood of held-out normal images, the stop of flow training on it, and the exact objective."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from anomalib.models.image.fastflow.torch_model import FastflowModel
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from anomalib_dadf.benchmark import TimmFastflow
+from anomalib_dadf.components import DiscriminativeFlow
+from anomalib_dadf.data import MVTec
+from anomalib_dadf.lightning_model import Stage
+from anomalib_dadf.loss import FlowLoss
+from anomalib_dadf.metrics import HELD_OUT_FLOW_NLL, HeldOutFlowNll, with_norm_log_jacobians
+
+from .conftest import small_pre_processor
+from .test_training import datamodule, tiny_dadf
+
+
+class LoggedNll(Callback):
+    """The stage and the logged held-out NLL (``None`` when not logged) of every training epoch."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[Stage | None, float | None]] = []
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        value = trainer.callback_metrics.get(HELD_OUT_FLOW_NLL)
+        self.epochs.append((getattr(pl_module, "stage", None), None if value is None else float(value)))
+        trainer.callback_metrics.pop(HELD_OUT_FLOW_NLL, None)
+
+
+def fit(model: LightningModule, root: Path, tmp_path: Path, **trainer_arguments: object) -> LoggedNll:
+    spy = LoggedNll()
+    engine = Engine(
+        default_root_dir=tmp_path, callbacks=[spy], accelerator="cpu", devices=1, logger=False, **trainer_arguments,
+    )
+    engine.fit(
+        model=model, datamodule=datamodule(root),
+    )
+    return spy
+
+
+def test_held_out_nll_counts_normal_images_and_the_norms_log_determinant() -> None:
+    torch.manual_seed(0)
+    flow = DiscriminativeFlow((4, 3, 3), num_views=1, flow_steps=2)
+    features = torch.randn(4, 4, 3, 3)
+    latent, log_jacobian = flow(features)
+    labels = torch.tensor([0, 1, 0, 1])
+
+    metric = HeldOutFlowNll()
+    metric.update([latent], [log_jacobian], [flow.norm], labels)
+    normal = labels == 0
+    expected = FlowLoss()([latent[normal]], [log_jacobian[normal]]) / latent[0].numel()
+    assert metric.compute().item() == pytest.approx(expected.item(), rel=1e-5)
+
+    # The same latents with the norm's affine map doubling every feature: each dimension is log 2 more likely.
+    with torch.no_grad():
+        flow.norm.weight.fill_(2.0)
+    doubled = HeldOutFlowNll()
+    doubled.update([latent], [log_jacobian], [flow.norm], labels)
+    assert doubled.compute().item() == pytest.approx(expected.item() - math.log(2.0), rel=1e-5)
+
+    nothing = HeldOutFlowNll()
+    nothing.update([latent], [log_jacobian], [flow.norm], torch.ones(4))
+    nothing.update([latent], [log_jacobian], [flow.norm], None)
+    assert not nothing.measured
+
+
+@pytest.mark.parametrize("objective", ["paper", "exact"])
+def test_only_the_paper_objective_shrinks_the_norm_in_front_of_the_flow(objective: str) -> None:
+    torch.manual_seed(0)
+    flow = DiscriminativeFlow((4, 4, 4), num_views=1, flow_steps=2, subnet="conv")
+    features = torch.randn(32, 4, 4, 4)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(150):
+        latents, log_jacobians = flow(features)
+        if objective == "exact":
+            log_jacobians = with_norm_log_jacobians([log_jacobians], [flow.norm])[0]
+        loss = FlowLoss()([latents], [log_jacobians])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    mean_log_scale = torch.log(flow.norm.weight.abs()).mean().item()
+    if objective == "paper":
+        assert mean_log_scale < -0.5, "the paper's loss falls as the norm's weights shrink, so they do"
+    else:
+        assert abs(mean_log_scale) < 0.2
+
+
+def test_flow_stage_stops_when_the_held_out_nll_stalls_and_stage_one_is_not_counted(
+    mvtec_root: Path, tmp_path: Path,
+) -> None:
+    # Flows that cannot learn (learning rate 0) never improve their held-out NLL.
+    model = tiny_dadf(reconstruction_epochs=2, flow_epochs=10, flow_patience=2, flow_lr=0.0)
+    spy = fit(model, mvtec_root, tmp_path)
+    stages = [stage for stage, _ in spy.epochs]
+    assert stages == [Stage.RECONSTRUCTION] * 2 + [Stage.FLOW] * 3, "best at the first flow epoch, then 2 without"
+    assert all(value is None for _, value in spy.epochs[:2]), "untrained flows are not measured"
+    assert all(value is not None and math.isfinite(value) for _, value in spy.epochs[2:])
+    assert len({value for _, value in spy.epochs[2:]}) == 1
+
+
+def test_without_patience_the_flows_train_all_their_epochs_and_the_nll_is_still_logged(
+    mvtec_root: Path, tmp_path: Path,
+) -> None:
+    model = tiny_dadf(reconstruction_epochs=1, flow_epochs=3, flow_lr=0.0)
+    spy = fit(model, mvtec_root, tmp_path)
+    assert [stage for stage, _ in spy.epochs] == [Stage.RECONSTRUCTION] + [Stage.FLOW] * 3
+    assert all(value is not None for _, value in spy.epochs[1:])
+
+
+@pytest.mark.parametrize(("split", "warned"), [("from_test", True), ("same_as_test", True), ("from_train", False)])
+def test_a_stop_on_validation_images_from_the_test_set_is_warned_about(
+    mvtec_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, split: str, warned: bool,
+) -> None:
+    data = MVTec(root=mvtec_root, category="widget", train_batch_size=4, num_workers=0, val_split_mode=split)
+    Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False).fit(
+        model=tiny_dadf(reconstruction_epochs=1, flow_epochs=1, flow_patience=1), datamodule=data,
+    )
+    assert ("takes them from the test set" in caplog.text) is warned
+
+
+def test_a_flow_patience_or_objective_that_cannot_work_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="flow_patience must be at least 1"):
+        tiny_dadf(flow_patience=0)
+    with pytest.raises(ValueError, match="Unknown flow_objective 'likelihood'"):
+        tiny_dadf(flow_objective="likelihood")
+    with pytest.raises(ValueError, match="flow_patience must be at least 1"):
+        TimmFastflow(backbone="resnet18", pre_trained=False, flow_patience=0)
+
+
+def tiny_fastflow(**overrides: object) -> TimmFastflow:
+    return TimmFastflow(
+        backbone="resnet18", pre_trained=False, flow_steps=2, pre_processor=small_pre_processor(), **overrides,
+    )
+
+
+def test_fastflow_validation_scores_as_anomalib_and_measures_the_held_out_nll() -> None:
+    torch.manual_seed(0)
+    model = tiny_fastflow().eval()
+    images = torch.rand(4, 3, 64, 64)
+    expected = FastflowModel.forward(model.model, images)
+    batch = model.validation_step(_Batch(image=images, gt_label=torch.tensor([0, 0, 1, 1])))
+    assert torch.equal(batch.anomaly_map, expected.anomaly_map)
+    assert torch.equal(batch.pred_score, expected.pred_score)
+    assert not model.model.training
+    assert model.held_out_flow_nll.measured
+    assert model.held_out_flow_nll.weight == 2
+
+
+def test_fastflow_exact_objective_adds_the_norms_log_determinant(monkeypatch: pytest.MonkeyPatch) -> None:
+    losses = {}
+    for objective in ("paper", "exact"):
+        torch.manual_seed(0)
+        model = tiny_fastflow(flow_objective=objective).train()
+        with torch.no_grad():
+            for norm in model.model.norms:
+                norm.weight.fill_(0.5)
+        monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+        torch.manual_seed(1)
+        losses[objective] = model.training_step(_Batch(image=torch.rand(2, 3, 64, 64)))["loss"].item()
+    dimensions = sum(norm.weight.numel() for norm in model.model.norms)
+    assert losses["exact"] == pytest.approx(losses["paper"] - dimensions * math.log(0.5), rel=1e-5)
+
+
+def test_fastflow_stops_on_the_held_out_nll(mvtec_root: Path, tmp_path: Path) -> None:
+    model = tiny_fastflow(flow_patience=1)
+    # Flows that cannot learn (learning rate 0) never improve their held-out NLL.
+    model.configure_optimizers = lambda: torch.optim.Adam(model.model.parameters(), lr=0.0)
+    spy = fit(model, mvtec_root, tmp_path, max_epochs=5)
+    assert len(spy.epochs) == 2, "best at the first epoch, then one without improvement"
+    assert all(value is not None for _, value in spy.epochs)
+
+
+class _Batch:
+    """A stand-in for anomalib's batch: the fields a step reads, and ``update`` as anomalib's returns a copy."""
+
+    def __init__(self, **fields: torch.Tensor) -> None:
+        self.__dict__.update({"gt_label": None, **fields})
+
+    def update(self, **fields: torch.Tensor) -> "_Batch":
+        return _Batch(**{**self.__dict__, **fields})
