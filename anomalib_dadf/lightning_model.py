@@ -446,7 +446,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
             )
             latents, log_jacobians = self.model.discriminate(priors, views[: len(priors)], views[len(priors) :])
             if self.hparams["flow_objective"] == "exact":
-                log_jacobians = with_norm_log_jacobians(log_jacobians, [flow.norm for flow in self.model.flows])
+                log_jacobians = with_norm_log_jacobians(log_jacobians, self.model.flow_norms)
             loss = self.loss(latents, log_jacobians)
             self._stop_if_diverged("loss", loss)
             # Summed over images here and divided by their count at the step: the gradient of the mean over the
@@ -619,8 +619,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         priors = self._cached("validation priors", batch, lambda: self.model.extract_priors(batch.image))
         latents, log_jacobians = self.model.flow(priors)
         if self.stage == Stage.FLOW:
-            norms = [flow.norm for flow in self.model.flows]
-            self.held_out_flow_nll.update(latents, log_jacobians, norms, batch.gt_label)
+            self.held_out_flow_nll.update(latents, log_jacobians, self.model.flow_norms, batch.gt_label)
         return batch.update(**self.model.score_latents(latents)._asdict())
 
     def configure_optimizers(self) -> list[optim.Optimizer]:

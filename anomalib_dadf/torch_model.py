@@ -155,6 +155,11 @@ class DadfModel(nn.Module):
         latents, _ = self.flow(priors)
         return self.score_latents(latents)
 
+    @property
+    def flow_norms(self) -> list[nn.LayerNorm]:
+        """The LayerNorm in front of each scale's flow, finest first."""
+        return [flow.norm for flow in self.flows]
+
     def flow(self, priors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Latents and log-Jacobian determinants of the flows from the priors, reconstructing them when the flows need it."""
         reconstructions = self.reconstruct(priors) if self.uses_reconstructions else ([], [])
