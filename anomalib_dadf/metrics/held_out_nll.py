@@ -9,7 +9,8 @@ them, per latent dimension so that flows of any size compare on one scale, and
 The likelihood is that of the layer-normalised features, so it counts the log-determinant of the
 LayerNorm's elementwise affine map in front of the flow. DADF's and FastFlow's training objective
 leaves it out, yet trains that affine map: shrinking its weights lowers the objective without bound
-(on ELPV mono by about 1.6 nats per dimension in 40 epochs) while the features' likelihood barely moves.
+(on ELPV mono by about 1.6 nats per dimension in 40 epochs), while the features' likelihood stops
+improving after about 30 epochs and then gets worse (``benchmarks/results/flow_likelihood_curves.md``).
 Without that term, the held-out objective would keep falling and never stop a run.
 
 Example:
