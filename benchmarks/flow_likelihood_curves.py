@@ -28,7 +28,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from matplotlib import pyplot as plt
 from torch import nn
 
-from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, build
+from anomalib_dadf import Dadf
+from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, build, import_class
 from anomalib_dadf.metrics import HELD_OUT_FLOW_NLL
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,7 +57,7 @@ def curve(spec: dict, epochs: int) -> pd.DataFrame:
     """Fit one model for ``epochs`` epochs (DADF: flow epochs) and return its per-epoch curve."""
     spec = copy.deepcopy(spec)
     spec["model"]["init_args"].pop("flow_patience", None)
-    if "max_epochs" in spec["model"] or not spec["model"]["class_path"].startswith("anomalib_dadf."):
+    if not issubclass(import_class(spec["model"]["class_path"]), Dadf):
         spec["model"]["max_epochs"] = epochs
     else:
         spec["model"]["init_args"]["flow_epochs"] = epochs

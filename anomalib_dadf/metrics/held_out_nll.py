@@ -31,6 +31,7 @@ from anomalib.data.utils import ValSplitMode
 from anomalib.models.image.fastflow.loss import FastflowLoss
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -146,13 +147,14 @@ class HeldOutFlowStopMixin:
     def configure_callbacks(self) -> list[Callback]:
         """The module's other callbacks, and the stop when ``flow_patience`` is set.
 
-        A warning says so when the data module takes its validation images from the test set.
+        A warning says so when a fit's data module takes its validation images from the test set.
         """
         patience = self.hparams["flow_patience"]
         if patience is None:
             return super().configure_callbacks()
+        fitting = self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING
         split = getattr(getattr(self._trainer, "datamodule", None), "val_split_mode", None)
-        if split in TEST_IMAGE_SPLITS:
+        if fitting and split in TEST_IMAGE_SPLITS:
             logger.warning(
                 "flow_patience stops training on the validation split's normal images, and this data module takes "
                 "them from the test set (val_split_mode=%s), so the test score would depend on test images: set "
