@@ -9,6 +9,9 @@ that ran (identical with and without the cache, for the same seed, up to float r
 
     HF_HUB_OFFLINE=1 python benchmarks/cache_speedup.py --rounds 3   # writes benchmarks/results/cache_speedup.md
 
+``--num-workers N`` gives the loaders N workers instead of the quickstart's (the 2026-12-05 run used 2,
+which the quickstart then had).
+
 Each finished fit is printed as ``on {...}`` / ``off {...}``; ``--from-log LOG`` writes the report
 from those lines alone (a run stopped early reports the rounds it finished).
 """
@@ -32,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
-def fit(cache: bool) -> dict[str, float]:
-    """One fit of the quickstart configuration (no test), in this process."""
+def fit(cache: bool, num_workers: int | None) -> dict[str, float]:
+    """One fit of the quickstart configuration (no test), in this process; ``num_workers`` overrides its loaders'."""
     from anomalib.engine import Engine
     from jsonargparse import ArgumentParser
 
@@ -43,6 +46,8 @@ def fit(cache: bool) -> dict[str, float]:
 
     config = yaml.safe_load(QUICKSTART.read_text())
     config["model"]["init_args"].update(cache_features=cache, visualizer=False)
+    if num_workers is not None:
+        config["data"]["init_args"]["num_workers"] = num_workers
     parser = ArgumentParser()
     parser.add_argument("--model", type=Dadf)
     parser.add_argument("--data", type=ELPV)
@@ -61,11 +66,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "cache_speedup.md")
     parser.add_argument("--note", default="nothing else running", help="what else ran on the machine")
+    parser.add_argument("--num-workers", type=int, help="loader workers instead of the quickstart's")
     parser.add_argument("--from-log", type=Path, help="write the report from the fits printed in this log")
     parser.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.child:
-        print(json.dumps(fit(arguments.child == "on")))
+        print(json.dumps(fit(arguments.child == "on", arguments.num_workers)))
         return
 
     runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
@@ -79,7 +85,8 @@ def main() -> None:
     for _ in range(0 if arguments.from_log else arguments.rounds):
         for setting in runs:
             child = subprocess.run(
-                [sys.executable, __file__, "--child", setting],
+                [sys.executable, __file__, "--child", setting]
+                + ([] if arguments.num_workers is None else ["--num-workers", str(arguments.num_workers)]),
                 capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
             )
             runs[setting].append(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -87,6 +94,8 @@ def main() -> None:
 
     median = {setting: statistics.median(run["seconds"] for run in results) for setting, results in runs.items()}
     command = f"--from-log {arguments.from_log}" if arguments.from_log else f"--rounds {arguments.rounds}"
+    if arguments.num_workers is not None:
+        command += f" --num-workers {arguments.num_workers}"
     loss_names = sorted(name for name in runs["on"][0] if name.endswith("_epoch"))
     lines = [
         f"# Feature cache (`python benchmarks/cache_speedup.py {command}`)",
