@@ -134,8 +134,9 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
             (the default), a subset in that order is an ablation. With ``("prior",)`` nothing scores through
             the Transformer, so stage 1 is skipped and ``reconstruction_epochs`` is not used.
         anomaly_map (str): ``"probability"`` (the paper's and FastFlow's map: the flows' negative
-            probability, which saturates at 0 on strong evidence) or ``"log_likelihood"`` (their negative
-            log-likelihood, unbounded). Defaults to ``"probability"``.
+            probability, which saturates at 0 on strong evidence), ``"log_likelihood"`` (their negative
+            log-likelihood, unbounded) or ``"density"`` (the paper's map with the log-determinant of the
+            flows' Jacobian counted at each position, the exact density). Defaults to ``"probability"``.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
             is set. Defaults to ``200``.
         reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
@@ -617,10 +618,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         """
         del args, kwargs
         priors = self._cached("validation priors", batch, lambda: self.model.extract_priors(batch.image))
-        latents, log_jacobians = self.model.flow(priors)
+        latents, log_jacobians = self.model.flow(priors, per_position=self.model.anomaly_map_generator.uses_log_jacobians)
         if self.stage == Stage.FLOW:
             self.held_out_flow_nll.update(latents, log_jacobians, self.model.flow_norms, batch.gt_label)
-        return batch.update(**self.model.score_latents(latents)._asdict())
+        return batch.update(**self.model.score_latents(latents, log_jacobians)._asdict())
 
     def configure_optimizers(self) -> list[optim.Optimizer]:
         """One optimizer per stage: AdamW for the Transformer, Adam for the flows."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator
 from .components import DiscriminativeFlow, DualAttentionTransformer, describe_prior
+from .metrics import with_norm_log_jacobians
 
 FLOW_VIEWS = ("prior", "local", "global")
 
@@ -41,8 +42,8 @@ class DadfModel(nn.Module):
         flow_subnet: Coupling subnets: ``"depthwise"`` (DADF's) or ``"conv"`` (FastFlow's full convolutions).
         flow_inputs: Views the flows see, a subset of ``("prior", "local", "global")`` in that order;
             DADF uses all three, fewer are ablations; with the prior alone the Transformer is never run.
-        anomaly_map: ``"probability"`` (the paper's negative-probability map) or ``"log_likelihood"``
-            (see :mod:`anomalib_dadf.anomaly_map`).
+        anomaly_map: ``"probability"`` (the paper's negative-probability map), ``"log_likelihood"`` or
+            ``"density"`` (the paper's map with the flows' Jacobian counted; see :mod:`anomalib_dadf.anomaly_map`).
 
     Raises:
         ValueError: Unknown, repeated or no flow inputs, or an unknown anomaly map (besides the prior's
@@ -132,11 +133,18 @@ class DadfModel(nn.Module):
         priors: Sequence[torch.Tensor],
         local: Sequence[torch.Tensor],
         global_: Sequence[torch.Tensor],
+        per_position: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Latents and log-Jacobian determinants of the flows (on the ``flow_inputs`` views), one per scale."""
+        """Latents and log-Jacobian determinants of the flows (on the ``flow_inputs`` views), one per scale.
+
+        The determinants are per image, ``(B,)``, or with ``per_position`` per position, ``(B, H, W)``.
+        """
         views = dict(zip(FLOW_VIEWS, (priors, local, global_), strict=True))
         per_scale = zip(*(views[name] for name in self.flow_inputs), strict=True)
-        outputs = [flow(*scale_views) for flow, scale_views in zip(self.flows, per_scale, strict=True)]
+        outputs = [
+            flow(*scale_views, per_position=per_position)
+            for flow, scale_views in zip(self.flows, per_scale, strict=True)
+        ]
         return [latent for latent, _ in outputs], [log_jacobian for _, log_jacobian in outputs]
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
@@ -152,20 +160,38 @@ class DadfModel(nn.Module):
 
     def score(self, priors: Sequence[torch.Tensor]) -> InferenceBatch:
         """Score images from their priors (as :meth:`extract_priors` gives them), as :meth:`forward` does."""
-        latents, _ = self.flow(priors)
-        return self.score_latents(latents)
+        return self.score_latents(*self.flow(priors, per_position=self.anomaly_map_generator.uses_log_jacobians))
 
     @property
     def flow_norms(self) -> list[nn.LayerNorm]:
         """The LayerNorm in front of each scale's flow, finest first."""
         return [flow.norm for flow in self.flows]
 
-    def flow(self, priors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Latents and log-Jacobian determinants of the flows from the priors, reconstructing them when the flows need it."""
-        reconstructions = self.reconstruct(priors) if self.uses_reconstructions else ([], [])
-        return self.discriminate(priors, *reconstructions)
+    def flow(
+        self,
+        priors: Sequence[torch.Tensor],
+        per_position: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Latents and log-Jacobian determinants of the flows from the priors, reconstructing them when the flows need it.
 
-    def score_latents(self, latents: Sequence[torch.Tensor]) -> InferenceBatch:
-        """Anomaly map and image score (the map's maximum) of the flows' latents."""
-        anomaly_map = self.anomaly_map_generator(list(latents))
+        The determinants are per image, or with ``per_position`` per position (see :meth:`discriminate`).
+        """
+        reconstructions = self.reconstruct(priors) if self.uses_reconstructions else ([], [])
+        return self.discriminate(priors, *reconstructions, per_position=per_position)
+
+    def score_latents(
+        self,
+        latents: Sequence[torch.Tensor],
+        log_jacobians: Sequence[torch.Tensor] | None = None,
+    ) -> InferenceBatch:
+        """Anomaly map and image score (the map's maximum) of the flows' latents.
+
+        Args:
+            latents: The flows' latents, one per scale.
+            log_jacobians: The flows' log-determinants per position (:meth:`flow` with ``per_position``),
+                which the ``"density"`` map needs and the others ignore.
+        """
+        if log_jacobians is not None and self.anomaly_map_generator.uses_log_jacobians:
+            log_jacobians = with_norm_log_jacobians(log_jacobians, self.flow_norms)
+        anomaly_map = self.anomaly_map_generator(list(latents), log_jacobians)
         return InferenceBatch(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator
-from anomalib_dadf.components import DiscriminativeFlow, DualAttention, DualAttentionTransformer, describe_prior
+from anomalib_dadf.components import (
+    DiscriminativeFlow,
+    DualAttention,
+    DualAttentionTransformer,
+    describe_prior,
+    flow_with_log_jacobian_map,
+)
+from anomalib_dadf.metrics import with_norm_log_jacobians
 from anomalib_dadf.torch_model import DadfModel
 
 BACKBONES = {
@@ -215,3 +222,79 @@ def test_the_model_scores_with_the_map_it_was_given() -> None:
     assert torch.equal(log_likelihood(images).pred_score, log_likelihood_map.amax(dim=(-2, -1)))
     with pytest.raises(ValueError, match="Unknown anomaly map 'energy': choose one of"):
         DadfModel(**arguments, anomaly_map="energy")
+
+
+def perturbed_flow(subnet: str = "conv") -> DiscriminativeFlow:
+    """A flow whose couplings and global scales are far from their initial (near-identity) values."""
+    torch.manual_seed(0)
+    flow = DiscriminativeFlow((2, 3, 3), num_views=2, flow_steps=4, subnet=subnet)
+    with torch.no_grad():
+        for parameter in (parameter for parameter in flow.parameters() if parameter.requires_grad):  # not permutations
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return flow
+
+
+@pytest.mark.parametrize("subnet", ["depthwise", "conv"])
+def test_the_log_determinant_per_position_adds_up_to_the_flows(subnet: str) -> None:
+    flow = perturbed_flow(subnet)
+    inputs = torch.randn(2, 4, 3, 3)
+    latent, log_jacobian = flow.flow(inputs)
+    same_latent, log_jacobian_map = flow_with_log_jacobian_map(flow.flow, inputs)
+    assert torch.equal(same_latent, latent)
+    assert log_jacobian_map.shape == (2, 3, 3)
+    assert log_jacobian_map.std() > 0.05, "positions differ"
+    assert torch.allclose(log_jacobian_map.sum(dim=(1, 2)), log_jacobian, atol=1e-4)
+    assert all(not block.subnet._forward_hooks for block in flow.flow.module_list), "hooks removed"
+
+
+def test_the_log_determinant_of_one_position_is_that_positions_own() -> None:
+    # With only the centre taps of the subnets' kernels a position's latent depends on that position alone,
+    # so the determinant of its own Jacobian block is what the map must give there.
+    flow = perturbed_flow()
+    with torch.no_grad():
+        for conv in (module for module in flow.flow.modules() if isinstance(module, torch.nn.Conv2d)):
+            centre = conv.weight[..., conv.kernel_size[0] // 2, conv.kernel_size[1] // 2].clone()
+            conv.weight.zero_()[..., conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = centre
+    flow = flow.double()
+    inputs = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    _, log_jacobian_map = flow_with_log_jacobian_map(flow.flow, inputs)
+
+    def centre_latent(centre: torch.Tensor) -> torch.Tensor:
+        features = inputs.clone()
+        features[0, :, 1, 1] = centre
+        return flow.flow(features)[0][0, :, 1, 1]
+
+    _, numerical = torch.linalg.slogdet(torch.autograd.functional.jacobian(centre_latent, inputs[0, :, 1, 1]))
+    assert log_jacobian_map[0, 1, 1].item() == pytest.approx(numerical.item(), abs=1e-8)
+
+
+def test_the_density_map_counts_the_jacobian_the_other_maps_leave_out() -> None:
+    arguments = {"input_size": (64, 64), "backbone": "resnet18", "pre_trained": False, "embed_dim": 8, "depth": 1,
+                 "num_heads": 2, "flow_steps": 2, "flow_inputs": ["prior"]}
+    torch.manual_seed(0)
+    paper = DadfModel(**arguments).eval()
+    density = DadfModel(**arguments, anomaly_map="density").eval()
+    with torch.no_grad():
+        for parameter in (parameter for parameter in paper.flows.parameters() if parameter.requires_grad):
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    density.load_state_dict(paper.state_dict())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        latents, log_jacobians = density.flow(density.extract_priors(images), per_position=True)
+        density_map = density(images).anomaly_map
+        probability_map = paper(images).anomaly_map
+    exact = with_norm_log_jacobians(log_jacobians, density.flow_norms)
+    # Per scale -exp(log p / C) with log p = -0.5 * sum(z^2) + log|det J| at each position.
+    scale_maps = [
+        torch.nn.functional.interpolate(
+            -torch.exp((-0.5 * (latent**2).sum(dim=1, keepdim=True) + jacobian.unsqueeze(1)) / latent.shape[1]),
+            size=(64, 64),
+            mode="bilinear",
+        )
+        for latent, jacobian in zip(latents, exact, strict=True)
+    ]
+    expected = torch.stack(scale_maps, dim=-1).mean(dim=-1)
+    assert torch.allclose(density_map, expected, atol=1e-5)
+    assert not torch.allclose(density_map, probability_map, atol=1e-3)
+    with pytest.raises(ValueError, match="needs the flows' log-determinant per position"):
+        AnomalyMapGenerator((8, 8), kind="density")(latents)

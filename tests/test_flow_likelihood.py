@@ -183,3 +183,30 @@ class _Batch:
 
     def update(self, **fields: torch.Tensor) -> "_Batch":
         return _Batch(**{**self.__dict__, **fields})
+
+
+def test_the_density_map_leaves_training_and_the_held_out_nll_as_they_were(mvtec_root: Path, tmp_path: Path) -> None:
+    # Only scoring reads the per-position log-determinants; the stop must see the same likelihood either way.
+    logged = {}
+    for anomaly_map in ("probability", "density"):
+        torch.manual_seed(0)
+        model = tiny_dadf(flow_inputs=["prior"], flow_epochs=3, flow_objective="exact", anomaly_map=anomaly_map)
+        logged[anomaly_map] = [value for _, value in fit(model, mvtec_root, tmp_path / anomaly_map).epochs]
+    assert all(value is not None for value in logged["density"])
+    assert logged["density"] == pytest.approx(logged["probability"], rel=1e-5)
+
+
+def test_fastflow_measures_the_same_held_out_nll_from_per_position_log_determinants() -> None:
+    torch.manual_seed(0)
+    model = TimmFastflow(backbone="resnet18", pre_trained=False, flow_steps=2, anomaly_map="density").eval()
+    images, labels = torch.rand(3, 3, 256, 256), torch.tensor([0, 0, 1])  # its default input size
+    nlls = []
+    for per_position in (False, True):
+        metric = HeldOutFlowNll()
+        with torch.no_grad():
+            metric.update(*model.model.flow(images, per_position=per_position), list(model.model.norms), labels)
+        nlls.append(metric.compute().item())
+    assert nlls[1] == pytest.approx(nlls[0], rel=1e-5)
+    scores = model.model(images)
+    assert scores.anomaly_map.shape == (3, 1, 256, 256)
+    assert torch.equal(scores.pred_score, scores.anomaly_map.amax(dim=(-2, -1)))

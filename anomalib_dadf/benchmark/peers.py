@@ -10,13 +10,14 @@ that what DADF is tuned over is open to FastFlow too.
 
 import timm
 import torch
-from anomalib.data import Batch
+from anomalib.data import Batch, InferenceBatch
 from anomalib.models import Fastflow
 from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator
+from anomalib_dadf.components import flow_with_log_jacobian_map
 from anomalib_dadf.metrics import (
     HeldOutFlowNll,
     HeldOutFlowStopMixin,
@@ -29,7 +30,7 @@ CNN_OUT_INDICES = [1, 2, 3]
 
 
 class TimmCnnFastflowModel(FastflowModel):
-    """:class:`FastflowModel`'s CNN path for any timm CNN with ``features_only`` support."""
+    """:class:`FastflowModel`'s CNN path for any timm CNN with ``features_only`` support, and DADF's anomaly maps."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class TimmCnnFastflowModel(FastflowModel):
         flow_steps: int = 8,
         conv3x3_only: bool = False,
         hidden_ratio: float = 1.0,
+        anomaly_map: str = "probability",
     ) -> None:
         # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
         super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
@@ -66,6 +68,33 @@ class TimmCnnFastflowModel(FastflowModel):
             )
             for shape in shapes
         )
+        self.anomaly_map_generator = AnomalyMapGenerator(input_size, kind=anomaly_map)
+
+    def flow(self, images: torch.Tensor, per_position: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """FastFlow's latents and log-determinants (of the flows, not the norms), per image or per position."""
+        features = self._get_cnn_features(images)
+        if not per_position:
+            outputs = [block(feature) for block, feature in zip(self.fast_flow_blocks, features, strict=True)]
+        else:
+            outputs = [
+                flow_with_log_jacobian_map(block, feature)
+                for block, feature in zip(self.fast_flow_blocks, features, strict=True)
+            ]
+        return [latent for latent, _ in outputs], [log_jacobian for _, log_jacobian in outputs]
+
+    def score(self, latents: list[torch.Tensor], log_jacobians: list[torch.Tensor]) -> InferenceBatch:
+        """FastFlow's anomaly map and image score; the ``"density"`` map counts the norms' log-determinant too."""
+        if self.anomaly_map_generator.uses_log_jacobians:
+            log_jacobians = with_norm_log_jacobians(log_jacobians, self.norms)
+        anomaly_map = self.anomaly_map_generator(latents, log_jacobians)
+        return InferenceBatch(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)
+
+    def forward(self, input_tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
+        """As :class:`FastflowModel`: latents and log-determinants in training mode, else the scores."""
+        self.feature_extractor.eval()
+        per_position = not self.training and self.anomaly_map_generator.uses_log_jacobians
+        latents, log_jacobians = self.flow(input_tensor, per_position=per_position)
+        return (latents, log_jacobians) if self.training else self.score(latents, log_jacobians)
 
 
 class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
@@ -107,8 +136,8 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             flow_steps=flow_steps,
             conv3x3_only=conv3x3_only,
             hidden_ratio=hidden_ratio,
+            anomaly_map=anomaly_map,
         )
-        self.model.anomaly_map_generator = AnomalyMapGenerator(self.input_size, kind=anomaly_map)
         self.held_out_flow_nll = HeldOutFlowNll()
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
@@ -124,13 +153,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Score a validation batch as FastFlow does, and measure the flows' likelihood of its normal images."""
         del args, kwargs
-        # FastflowModel returns its latents only in training mode, which changes nothing else: it puts its
-        # backbone in eval mode itself, and its norms and flows have no mode-dependent layers.
-        self.model.train()
-        try:
-            latents, log_jacobians = self.model(batch.image)
-        finally:
-            self.model.eval()
+        per_position = self.model.anomaly_map_generator.uses_log_jacobians
+        latents, log_jacobians = self.model.flow(batch.image, per_position=per_position)
         self.held_out_flow_nll.update(latents, log_jacobians, list(self.model.norms), batch.gt_label)
-        anomaly_map = self.model.anomaly_map_generator(latents)
-        return batch.update(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)
+        return batch.update(**self.model.score(latents, log_jacobians)._asdict())

@@ -3,7 +3,7 @@ the held-out stop of stage 1."""
 
 from .backbone import PriorScales, describe_prior, input_statistics, pretrained_features
 from .cache import BlankImages, FeatureCache, RunCache, delivers_blanks, read_images_again, skip_reading_images
-from .flow import DiscriminativeFlow
+from .flow import DiscriminativeFlow, flow_with_log_jacobian_map
 from .held_out import Plateau, check_holdout, held_out_images
 from .transformer import DualAttention, DualAttentionBlock, DualAttentionTransformer
 
@@ -20,6 +20,7 @@ __all__ = [
     "check_holdout",
     "delivers_blanks",
     "describe_prior",
+    "flow_with_log_jacobian_map",
     "held_out_images",
     "input_statistics",
     "pretrained_features",

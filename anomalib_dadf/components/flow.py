@@ -38,6 +38,49 @@ SUBNETS: dict[str, Callable[[int, int], Callable[[int, int], nn.Module]]] = {
 }
 
 
+def flow_with_log_jacobian_map(flow: SequenceINN, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a flow of ``AllInOneBlock`` steps and give the log-determinant of its Jacobian at every position.
+
+    The blocks return the log-determinant summed over positions. Each affine coupling scales the position
+    ``(h, w)`` of its active half by ``exp(clamp * tanh(0.1 * a))`` with ``a`` its subnet's output there, and
+    the block's global scale is the same at every position, so the sum splits into one term per position;
+    the subnets' outputs are read with forward hooks, removed again before this returns.
+
+    Args:
+        flow: FrEIA ``SequenceINN`` of anomalib's ``AllInOneBlock`` (DADF's and FastFlow's flows).
+        features: Its input, ``(B, C, H, W)``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: The latent ``(B, C, H, W)`` and the log-determinant per position
+        ``(B, H, W)``, whose sum over positions is the flow's own log-determinant.
+
+    Example:
+        >>> flow = DiscriminativeFlow((4, 3, 3), num_views=1, flow_steps=2).flow
+        >>> features = torch.randn(2, 4, 3, 3)
+        >>> latent, log_jacobian_map = flow_with_log_jacobian_map(flow, features)
+        >>> torch.allclose(log_jacobian_map.sum(dim=(1, 2)), flow(features)[1], atol=1e-5)
+        True
+    """
+    log_jacobian_maps: list[torch.Tensor] = []
+
+    def record(block: AllInOneBlock) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        def hook(_subnet: nn.Module, _inputs: object, coefficients: torch.Tensor) -> None:
+            # Read before the block scales the coefficients in place (AllInOneBlock._affine).
+            log_scales = block.clamp * torch.tanh(0.1 * coefficients[:, : coefficients.shape[1] // 2])
+            global_scale = torch.log(block.global_scale_activation(block.global_scale)).sum()
+            log_jacobian_maps.append(log_scales.sum(dim=1) + global_scale)
+
+        return hook
+
+    handles = [block.subnet.register_forward_hook(record(block)) for block in flow.module_list]
+    try:
+        latent, _ = flow(features)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return latent, torch.stack(log_jacobian_maps).sum(dim=0)
+
+
 class DiscriminativeFlow(nn.Module):
     """LayerNorm over the concatenated views followed by ``AllInOneBlock`` steps in a FrEIA ``SequenceINN``.
 
@@ -83,11 +126,17 @@ class DiscriminativeFlow(nn.Module):
                 permute_soft=False,
             )
 
-    def forward(self, *views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *views: torch.Tensor, per_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Map the views of one scale (in DADF: prior, local, global) to the latent space.
+
+        Args:
+            views: The views, ``(B, C, H, W)`` each.
+            per_position: Give the flow's log-determinant per position rather than per image.
 
         Returns:
             tuple[torch.Tensor, torch.Tensor]: Latent ``z`` with shape ``(B, num_views * C, H, W)``
-            and the log-determinant of the Jacobian per image, shape ``(B,)``.
+            and the log-determinant of the flow's Jacobian (not the norm's), shape ``(B,)``, or ``(B, H, W)``
+            with ``per_position``.
         """
-        return self.flow(self.norm(torch.cat(views, dim=1)))
+        features = self.norm(torch.cat(views, dim=1))
+        return flow_with_log_jacobian_map(self.flow, features) if per_position else self.flow(features)

@@ -61,11 +61,23 @@ def check_flow_objective(objective: str) -> None:
 
 
 def with_norm_log_jacobians(log_jacobians: Sequence[torch.Tensor], norms: Sequence[nn.LayerNorm]) -> list[torch.Tensor]:
-    """The flows' log-determinants plus that of the elementwise affine map of the LayerNorm in front of each."""
-    return [
-        jacobian if norm.weight is None else jacobian + torch.log(norm.weight.abs()).sum()
-        for jacobian, norm in zip(log_jacobians, norms, strict=True)
-    ]
+    """The flows' log-determinants plus that of the elementwise affine map of the LayerNorm in front of each.
+
+    Per image (``(B,)``) or per position (``(B, H, W)``, the norm's log-weights summed over channels).
+    """
+    summed = []
+    for jacobian, norm in zip(log_jacobians, norms, strict=True):
+        if norm.weight is None:
+            summed.append(jacobian)
+            continue
+        log_weights = torch.log(norm.weight.abs())  # (C, H, W)
+        summed.append(jacobian + (log_weights.sum(dim=0) if jacobian.dim() > 1 else log_weights.sum()))
+    return summed
+
+
+def per_image(log_jacobians: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Log-determinants per image, ``(B,)``, from per-image or per-position (``(B, H, W)``) ones."""
+    return [jacobian.flatten(1).sum(dim=1) if jacobian.dim() > 1 else jacobian for jacobian in log_jacobians]
 
 
 class HeldOutFlowNll(MeanMetric):
@@ -90,7 +102,7 @@ class HeldOutFlowNll(MeanMetric):
 
         Args:
             latents: The flows' latents, ``(B, C, H, W)`` per scale.
-            log_jacobians: The flows' log-determinants, ``(B,)`` per scale.
+            log_jacobians: The flows' log-determinants, ``(B,)`` or ``(B, H, W)`` per scale.
             norms: The LayerNorm in front of each scale's flow.
             labels: The images' labels; 0 is normal.
         """
@@ -100,7 +112,7 @@ class HeldOutFlowNll(MeanMetric):
         if not normal.any():
             return
         dimensions = sum(latent[0].numel() for latent in latents)
-        jacobians = with_norm_log_jacobians([jacobian[normal] for jacobian in log_jacobians], norms)
+        jacobians = with_norm_log_jacobians([jacobian[normal] for jacobian in per_image(log_jacobians)], norms)
         nll = self.loss([latent[normal] for latent in latents], jacobians)
         super().update(nll / dimensions, weight=int(normal.sum()))
 
