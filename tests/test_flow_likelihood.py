@@ -132,6 +132,17 @@ def test_a_flow_patience_or_objective_that_cannot_work_fails_at_construction() -
         TimmFastflow(backbone="resnet18", pre_trained=False, flow_patience=0)
 
 
+@pytest.mark.parametrize(("objective", "warned"), [("paper", True), ("exact", False)])
+def test_the_density_map_on_the_papers_objective_is_warned_about(
+    caplog: pytest.LogCaptureFixture, objective: str, warned: bool,
+) -> None:
+    tiny_dadf(anomaly_map="density", flow_objective=objective)
+    assert ("would score a degenerate density" in caplog.text) is warned
+    caplog.clear()
+    TimmFastflow(backbone="resnet18", pre_trained=False, anomaly_map="density", flow_objective=objective)
+    assert ("would score a degenerate density" in caplog.text) is warned
+
+
 def tiny_fastflow(**overrides: object) -> TimmFastflow:
     return TimmFastflow(
         backbone="resnet18", pre_trained=False, flow_steps=2, pre_processor=small_pre_processor(), **overrides,

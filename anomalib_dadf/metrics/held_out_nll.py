@@ -49,8 +49,11 @@ FLOW_OBJECTIVES = ("paper", "exact")
 MIN_FLOW_IMPROVEMENT = 1e-3
 
 
-def check_flow_objective(objective: str) -> None:
-    """Refuse an unknown flow objective.
+def check_flow_objective(objective: str, anomaly_map: str = "probability") -> None:
+    """Refuse an unknown flow objective; warn when the ``"density"`` map would score the paper's.
+
+    The density map counts the log-determinant of the norms' affine weights, which the paper's objective
+    shrinks without bound, so under it that map scores a degenerate density.
 
     Raises:
         ValueError: ``objective`` is not one of :data:`FLOW_OBJECTIVES`.
@@ -58,6 +61,12 @@ def check_flow_objective(objective: str) -> None:
     if objective not in FLOW_OBJECTIVES:
         msg = f"Unknown flow_objective '{objective}': choose one of {list(FLOW_OBJECTIVES)}."
         raise ValueError(msg)
+    if anomaly_map == "density" and objective == "paper":
+        logger.warning(
+            "anomaly_map 'density' counts the log-determinant of the LayerNorm in front of each flow, whose weights "
+            "the paper's flow objective shrinks without bound, so the map would score a degenerate density: set "
+            "flow_objective to 'exact'.",
+        )
 
 
 def with_norm_log_jacobians(log_jacobians: Sequence[torch.Tensor], norms: Sequence[nn.LayerNorm]) -> list[torch.Tensor]:
