@@ -94,6 +94,25 @@ def test_exported_model_matches_the_lightning_model(trained, export_type: Export
         assert runs_at_f32(exported)
 
 
+def test_the_density_map_exports_with_parity(trained, monkeypatch) -> None:
+    # Its per-position log-determinants are read with forward hooks, which the traced export must keep.
+    monkeypatch.chdir(trained.work)
+    seed_everything(0)
+    model = Dadf(
+        **TINY_MODEL, flow_epochs=3, flow_inputs=["prior"], flow_objective="exact", anomaly_map="density",
+        pre_processor=small_pre_processor(),
+    )
+    engine = Engine(default_root_dir=trained.work / "density", accelerator="cpu", devices=1)
+    engine.fit(model=model, datamodule=trained.datamodule)
+    model.eval()
+    exported = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=trained.work / "density")
+    expected = lightning_predictions(model, trained.images)
+    assert np.ptp(expected["pred_score"]) > 0
+    result = compare(expected, exported_predictions(exported, trained.images, F32))
+    assert result["score_error"] < 1e-3
+    assert result["map_pearson"] > 0.999
+
+
 def test_bf16_is_one_command_away_and_scores_stay_finite(trained, monkeypatch, capsys) -> None:
     monkeypatch.chdir(trained.work)
     exported = trained.model.to_openvino(trained.work / "bf16")
