@@ -209,19 +209,25 @@ def test_the_log_likelihood_map_lets_one_scale_dominate_where_probability_satura
     assert probability([normal, faint]).amax() < probability([normal, strong]).amax()
 
 
-def test_the_model_scores_with_the_map_it_was_given() -> None:
+def same_flows_two_maps(anomaly_map: str) -> tuple[DadfModel, DadfModel]:
+    """A tiny flow-on-prior model with the paper's map, and one with ``anomaly_map`` and the same weights."""
     arguments = {"input_size": (64, 64), "backbone": "resnet18", "pre_trained": False, "embed_dim": 8, "depth": 1,
                  "num_heads": 2, "flow_steps": 2, "flow_inputs": ["prior"]}
     torch.manual_seed(0)
     paper = DadfModel(**arguments).eval()
-    log_likelihood = DadfModel(**arguments, anomaly_map="log_likelihood").eval()
-    log_likelihood.load_state_dict(paper.state_dict())
+    other = DadfModel(**arguments, anomaly_map=anomaly_map).eval()
+    other.load_state_dict(paper.state_dict())
+    return paper, other
+
+
+def test_the_model_scores_with_the_map_it_was_given() -> None:
+    paper, log_likelihood = same_flows_two_maps("log_likelihood")
     images = torch.rand(2, 3, 64, 64)
     probability_map, log_likelihood_map = paper(images).anomaly_map, log_likelihood(images).anomaly_map
     assert probability_map.max() <= 0 < log_likelihood_map.min()
     assert torch.equal(log_likelihood(images).pred_score, log_likelihood_map.amax(dim=(-2, -1)))
     with pytest.raises(ValueError, match="Unknown anomaly map 'energy': choose one of"):
-        DadfModel(**arguments, anomaly_map="energy")
+        same_flows_two_maps("energy")
 
 
 def perturbed_flow(subnet: str = "conv") -> DiscriminativeFlow:
@@ -269,11 +275,7 @@ def test_the_log_determinant_of_one_position_is_that_positions_own() -> None:
 
 
 def test_the_density_map_counts_the_jacobian_the_other_maps_leave_out() -> None:
-    arguments = {"input_size": (64, 64), "backbone": "resnet18", "pre_trained": False, "embed_dim": 8, "depth": 1,
-                 "num_heads": 2, "flow_steps": 2, "flow_inputs": ["prior"]}
-    torch.manual_seed(0)
-    paper = DadfModel(**arguments).eval()
-    density = DadfModel(**arguments, anomaly_map="density").eval()
+    paper, density = same_flows_two_maps("density")
     with torch.no_grad():
         for parameter in (parameter for parameter in paper.flows.parameters() if parameter.requires_grad):
             parameter.add_(0.3 * torch.randn_like(parameter))
