@@ -72,14 +72,10 @@ class TimmCnnFastflowModel(FastflowModel):
 
     def flow(self, images: torch.Tensor, per_position: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """FastFlow's latents and log-determinants (of the flows, not the norms), per image or per position."""
-        features = self._get_cnn_features(images)
-        if not per_position:
-            outputs = [block(feature) for block, feature in zip(self.fast_flow_blocks, features, strict=True)]
-        else:
-            outputs = [
-                flow_with_log_jacobian_map(block, feature)
-                for block, feature in zip(self.fast_flow_blocks, features, strict=True)
-            ]
+        outputs = [
+            flow_with_log_jacobian_map(block, feature) if per_position else block(feature)
+            for block, feature in zip(self.fast_flow_blocks, self._get_cnn_features(images), strict=True)
+        ]
         return [latent for latent, _ in outputs], [log_jacobian for _, log_jacobian in outputs]
 
     def score(self, latents: list[torch.Tensor], log_jacobians: list[torch.Tensor]) -> InferenceBatch:
