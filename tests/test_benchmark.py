@@ -33,6 +33,14 @@ def test_fastflow_runs_its_cnn_path_on_another_timm_backbone() -> None:
     assert log_likelihood.eval().model(torch.rand(1, 3, 256, 256)).anomaly_map.min() > 0
 
 
+def test_fastflow_models_the_backbone_maps_it_is_given() -> None:
+    model = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2, out_indices=[2, 3, 4])
+    assert [block.dims_in[0][1:] for block in model.model.fast_flow_blocks] == [(32, 32), (16, 16), (8, 8)]
+    assert [norm.normalized_shape[0] for norm in model.model.norms] == [40, 112, 320], "strides 8, 16, 32"
+    assert model.hparams["out_indices"] == [2, 3, 4], "saved, so that a checkpoint rebuilds the same flows"
+    assert model.eval().model(torch.rand(1, 3, 256, 256)).anomaly_map.shape == (1, 1, 256, 256)
+
+
 def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:
     assert import_class("anomalib_dadf.Dadf").__name__ == "Dadf"
     with pytest.raises(ValueError, match=r"Cannot import 'anomalib\.models\.NoSuchModel'"):

@@ -3,10 +3,13 @@
 anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path (timm
 ``features_only`` maps at ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is
 generic. ``TimmFastflow`` routes another timm CNN through exactly that path; the benchmark table
-names the model ``TimmFastflow`` wherever it does so. It also takes DADF's choice of anomaly map and
+names the model ``TimmFastflow`` wherever it does so. Its ``out_indices`` may pick other maps of the
+backbone, so that a choice of DADF's prior layers is open to FastFlow too. It also takes DADF's choice of anomaly map and
 DADF's stop on the flows' likelihood of held-out normal images and its choice of flow objective, so
 that what DADF is tuned over is open to FastFlow too.
 """
+
+from collections.abc import Sequence
 
 import timm
 import torch
@@ -26,7 +29,7 @@ from anomalib_dadf.metrics import (
     with_norm_log_jacobians,
 )
 
-CNN_OUT_INDICES = [1, 2, 3]
+CNN_OUT_INDICES = (1, 2, 3)
 
 
 class TimmCnnFastflowModel(FastflowModel):
@@ -41,6 +44,7 @@ class TimmCnnFastflowModel(FastflowModel):
         conv3x3_only: bool = False,
         hidden_ratio: float = 1.0,
         anomaly_map: str = "probability",
+        out_indices: Sequence[int] = CNN_OUT_INDICES,
     ) -> None:
         # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
         super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
@@ -48,7 +52,7 @@ class TimmCnnFastflowModel(FastflowModel):
             backbone,
             pretrained=pre_trained,
             features_only=True,
-            out_indices=CNN_OUT_INDICES,
+            out_indices=list(out_indices),
         ).requires_grad_(False)
         shapes = [
             [channels, input_size[0] // scale, input_size[1] // scale]
@@ -99,6 +103,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ``flow_patience`` ends training once the flows' likelihood of the validation split's normal images
     (``held_out_flow_nll``, logged every epoch) has not improved for that many epochs, as DADF's does;
     ``flow_objective`` is DADF's too (``"exact"`` counts the log-determinant of FastFlow's trainable norms).
+    ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default.
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         anomaly_map: str = "probability",
         flow_patience: int | None = None,
         flow_objective: str = "paper",
+        out_indices: Sequence[int] = CNN_OUT_INDICES,
         **kwargs,
     ) -> None:
         if flow_patience is not None:
@@ -133,6 +139,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             conv3x3_only=conv3x3_only,
             hidden_ratio=hidden_ratio,
             anomaly_map=anomaly_map,
+            out_indices=out_indices,
         )
         self.held_out_flow_nll = HeldOutFlowNll()
 
