@@ -3,10 +3,9 @@
 anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path (timm
 ``features_only`` maps at ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is
 generic. ``TimmFastflow`` routes another timm CNN through exactly that path; the benchmark table
-names the model ``TimmFastflow`` wherever it does so. Its ``out_indices`` may pick other maps of the
-backbone, so that a choice of DADF's prior layers is open to FastFlow too. It also takes DADF's choice of anomaly map and
-DADF's stop on the flows' likelihood of held-out normal images and its choice of flow objective, so
-that what DADF is tuned over is open to FastFlow too.
+names the model ``TimmFastflow`` wherever it does so. It also takes DADF's choice of anomaly map,
+DADF's stop on the flows' likelihood of held-out normal images, its choice of flow objective and
+(``out_indices``) other maps of the backbone, so that what DADF is tuned over is open to FastFlow too.
 """
 
 from collections.abc import Sequence
