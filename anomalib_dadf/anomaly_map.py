@@ -24,13 +24,44 @@ Example:
     >>> density_map = AnomalyMapGenerator((32, 32), kind="density")(latents, log_jacobians)
     >>> round(density_map[0, 0, 0, 0].item(), 4)  # -(e + exp(-50)) / 2: the first scale's Jacobian raises its density
     -1.3591
+    >>> split = AnomalyMapGenerator((32, 32), kind="log_likelihood", map_scales=[0], score_scales=[1])
+    >>> scores = split.score(latents)
+    >>> scores.anomaly_map.amax().item(), scores.pred_score.item()  # the map from the first scale, the score from the second
+    (0.0, 50.0)
 """
 
+from collections.abc import Sequence
+
 import torch
+from anomalib.data import InferenceBatch
 from anomalib.models.image.fastflow.anomaly_map import AnomalyMapGenerator as ProbabilityMapGenerator
 from torch.nn import functional as F  # noqa: N812
 
 ANOMALY_MAPS = ("probability", "log_likelihood", "density")
+
+
+def scale_indices(chosen: Sequence | None, scales: Sequence, argument: str) -> tuple[int, ...] | None:
+    """Positions in ``scales`` of the ``chosen`` ones (``None``: every scale, kept as ``None``).
+
+    Args:
+        chosen: A non-empty subset of ``scales``, or ``None``.
+        scales: The model's scales (layer names or feature indices), finest first.
+        argument: The argument's name, for the error.
+
+    Raises:
+        ValueError: ``chosen`` is empty, repeats a scale or names one the model does not have.
+
+    Example:
+        >>> scale_indices(["blocks.4", "blocks.6"], ["blocks.1", "blocks.2", "blocks.4", "blocks.6"], "score_layers")
+        (2, 3)
+    """
+    if chosen is None:
+        return None
+    chosen, scales = list(chosen), list(scales)
+    if not chosen or len(set(chosen)) != len(chosen) or any(scale not in scales for scale in chosen):
+        msg = f"{argument} must be a non-empty subset of the model's scales {scales} without repeats, got {chosen}."
+        raise ValueError(msg)
+    return tuple(sorted(scales.index(scale) for scale in chosen))
 
 
 class AnomalyMapGenerator(ProbabilityMapGenerator):
@@ -39,17 +70,27 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
     Args:
         input_size: Height and width of the map.
         kind: ``"probability"`` (the paper's and FastFlow's), ``"log_likelihood"`` or ``"density"``.
+        map_scales: Positions of the scales that draw the map :meth:`score` gives; ``None``: all.
+        score_scales: Positions of the scales whose map's maximum is the image score; ``None``: all.
 
     Raises:
         ValueError: Unknown ``kind``.
     """
 
-    def __init__(self, input_size: tuple[int, int], kind: str = "probability") -> None:
+    def __init__(
+        self,
+        input_size: tuple[int, int],
+        kind: str = "probability",
+        map_scales: Sequence[int] | None = None,
+        score_scales: Sequence[int] | None = None,
+    ) -> None:
         super().__init__(input_size=input_size)
         if kind not in ANOMALY_MAPS:
             msg = f"Unknown anomaly map '{kind}': choose one of {list(ANOMALY_MAPS)}."
             raise ValueError(msg)
         self.kind = kind
+        self.map_scales = None if map_scales is None else tuple(map_scales)
+        self.score_scales = None if score_scales is None else tuple(score_scales)
 
     @property
     def uses_log_jacobians(self) -> bool:
@@ -85,3 +126,34 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
             ]
         upsampled = [F.interpolate(scale_map, size=self.input_size, mode="bilinear") for scale_map in maps]
         return torch.stack(upsampled, dim=-1).mean(dim=-1)
+
+    def score(
+        self,
+        hidden_variables: Sequence[torch.Tensor],
+        log_jacobians: Sequence[torch.Tensor] | None = None,
+    ) -> InferenceBatch:
+        """Anomaly map of the ``map_scales`` and image score, the maximum of the ``score_scales``' map.
+
+        Args:
+            hidden_variables: The latents, one ``(N, C, h, w)`` tensor per scale.
+            log_jacobians: As for :meth:`forward`.
+        """
+        anomaly_map = self._scales_map(self.map_scales, hidden_variables, log_jacobians)
+        score_map = (
+            anomaly_map
+            if self.score_scales == self.map_scales
+            else self._scales_map(self.score_scales, hidden_variables, log_jacobians)
+        )
+        return InferenceBatch(pred_score=torch.amax(score_map, dim=(-2, -1)), anomaly_map=anomaly_map)
+
+    def _scales_map(
+        self,
+        scales: tuple[int, ...] | None,
+        hidden_variables: Sequence[torch.Tensor],
+        log_jacobians: Sequence[torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The map of some scales (``None``: all)."""
+        if scales is None:
+            return self(list(hidden_variables), None if log_jacobians is None else list(log_jacobians))
+        chosen_jacobians = None if log_jacobians is None else [log_jacobians[index] for index in scales]
+        return self([hidden_variables[index] for index in scales], chosen_jacobians)

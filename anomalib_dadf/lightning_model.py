@@ -89,6 +89,8 @@ ARCHITECTURE = (
     "flow_subnet",
     "flow_inputs",
     "anomaly_map",
+    "map_layers",
+    "score_layers",
 )
 
 
@@ -115,7 +117,8 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         backbone (str): timm CNN giving the frozen prior, optionally with timm's pretrained tag. Defaults to
             ``"wide_resnet50_2.tv_in1k"``: the paper's prior, torchvision's ImageNet weights (timm's untagged
             ``wide_resnet50_2`` is another training recipe, ``racm_in1k``).
-        layers (Sequence[str]): Three backbone layers, finest first.
+        layers (Sequence[str]): Backbone layers, finest first: the paper's three, or more when ``map_layers``
+            and ``score_layers`` share them out.
             Defaults to ``("layer1", "layer2", "layer3")``.
         pre_trained (bool): Load the backbone's ImageNet weights. Defaults to ``True``.
         backbone_weights (str | None): Local checkpoint of the whole timm backbone (``.safetensors``
@@ -137,6 +140,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
             probability, which saturates at 0 on strong evidence), ``"log_likelihood"`` (their negative
             log-likelihood, unbounded) or ``"density"`` (the paper's map with the log-determinant of the
             flows' Jacobian counted at each position, the exact density). Defaults to ``"probability"``.
+        map_layers (Sequence[str] | None): The ``layers`` whose flows draw the anomaly map. Defaults to ``None``:
+            all of them, as the paper does.
+        score_layers (Sequence[str] | None): The ``layers`` whose flows' map gives the image score (its maximum),
+            for example the coarser ones of four while the finer three draw the map. Defaults to ``None``: all.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
             is set. Defaults to ``200``.
         reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
@@ -187,9 +194,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         visualizer (Visualizer | bool): Visualizer. Defaults to ``True``.
 
     Raises:
-        ValueError: On a configuration that cannot work: unknown backbone or layers, not three
-            layers, an input size the token grid cannot take, a stage without epochs, a held-out
-            share outside (0, 1) for the stage-1 stop, a flow patience below 1, or an unknown flow objective.
+        ValueError: On a configuration that cannot work: unknown backbone or layers, fewer than three
+            layers, map or score layers outside ``layers``, an input size the token grid cannot take, a stage
+            without epochs, a held-out share outside (0, 1) for the stage-1 stop, a flow patience below 1, or an
+            unknown flow objective.
     """
 
     def __init__(
@@ -208,6 +216,8 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         flow_subnet: str = "depthwise",
         flow_inputs: Sequence[str] = ("prior", "local", "global"),
         anomaly_map: str = "probability",
+        map_layers: Sequence[str] | None = None,
+        score_layers: Sequence[str] | None = None,
         reconstruction_epochs: int = 200,
         reconstruction_patience: int | None = None,
         reconstruction_holdout: float = 0.1,

@@ -17,7 +17,7 @@ from anomalib.data import InferenceBatch
 from anomalib.models.components import TimmFeatureExtractor
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator
+from .anomaly_map import AnomalyMapGenerator, scale_indices
 from .components import DiscriminativeFlow, DualAttentionTransformer, describe_prior
 from .metrics import with_norm_log_jacobians
 
@@ -30,7 +30,8 @@ class DadfModel(nn.Module):
     Args:
         input_size: Height and width of the (pre-processed) input images.
         backbone: timm CNN that gives the frozen prior.
-        layers: Three backbone layers, finest first.
+        layers: Backbone layers, finest first: the paper's three, or more when ``map_layers`` and ``score_layers``
+            share them out.
         pre_trained: Load the backbone's pretrained weights.
         embed_dim: Patch-embedding width per scale (tokens are three times as wide).
         depth: Number of dual-attention blocks.
@@ -44,10 +45,12 @@ class DadfModel(nn.Module):
             DADF uses all three, fewer are ablations; with the prior alone the Transformer is never run.
         anomaly_map: ``"probability"`` (the paper's negative-probability map), ``"log_likelihood"`` or
             ``"density"`` (the paper's map with the flows' Jacobian counted; see :mod:`anomalib_dadf.anomaly_map`).
+        map_layers: The ``layers`` whose flows draw the anomaly map; ``None`` (the paper's): all.
+        score_layers: The ``layers`` whose flows' map gives the image score (its maximum); ``None`` (the paper's): all.
 
     Raises:
-        ValueError: Unknown, repeated or no flow inputs, or an unknown anomaly map (besides the prior's
-            and the grid's errors).
+        ValueError: Unknown, repeated or no flow inputs, an unknown anomaly map, or map or score layers that are
+            not among ``layers`` (besides the prior's and the grid's errors).
     """
 
     def __init__(
@@ -66,6 +69,8 @@ class DadfModel(nn.Module):
         flow_subnet: str = "depthwise",
         flow_inputs: Sequence[str] = FLOW_VIEWS,
         anomaly_map: str = "probability",
+        map_layers: Sequence[str] | None = None,
+        score_layers: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.flow_inputs = tuple(flow_inputs)
@@ -101,7 +106,12 @@ class DadfModel(nn.Module):
             )
             for shape in scales.feature_shapes(self.input_size)
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.input_size, kind=anomaly_map)
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            input_size=self.input_size,
+            kind=anomaly_map,
+            map_scales=scale_indices(map_layers, layers, "map_layers"),
+            score_scales=scale_indices(score_layers, layers, "score_layers"),
+        )
 
     def extract_priors(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Frozen multi-scale features of normalised images, finest first.
@@ -154,7 +164,7 @@ class DadfModel(nn.Module):
             images: Normalised images, ``(B, 3, H, W)``.
 
         Returns:
-            InferenceBatch: ``anomaly_map`` ``(B, 1, H, W)`` and ``pred_score`` (the map's maximum).
+            InferenceBatch: ``anomaly_map`` ``(B, 1, H, W)`` and ``pred_score`` (the maximum of the score layers' map).
         """
         return self.score(self.extract_priors(images))
 
@@ -184,7 +194,7 @@ class DadfModel(nn.Module):
         latents: Sequence[torch.Tensor],
         log_jacobians: Sequence[torch.Tensor] | None = None,
     ) -> InferenceBatch:
-        """Anomaly map and image score (the map's maximum) of the flows' latents.
+        """Anomaly map and image score (the maximum of the score layers' map) of the flows' latents.
 
         Args:
             latents: The flows' latents, one per scale.
@@ -193,5 +203,4 @@ class DadfModel(nn.Module):
         """
         if log_jacobians is not None and self.anomaly_map_generator.uses_log_jacobians:
             log_jacobians = with_norm_log_jacobians(log_jacobians, self.flow_norms)
-        anomaly_map = self.anomaly_map_generator(list(latents), log_jacobians)
-        return InferenceBatch(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)
+        return self.anomaly_map_generator.score(latents, log_jacobians)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from anomalib_dadf.anomaly_map import AnomalyMapGenerator
 from anomalib_dadf.benchmark import TimmFastflow, import_class
 from anomalib_dadf.benchmark.__main__ import cap_seeds, merged
 from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, measure
@@ -39,6 +40,19 @@ def test_fastflow_models_the_backbone_maps_it_is_given() -> None:
     assert [norm.normalized_shape[0] for norm in model.model.norms] == [40, 112, 320], "strides 8, 16, 32"
     assert model.hparams["out_indices"] == [2, 3, 4], "saved, so that a checkpoint rebuilds the same flows"
     assert model.eval().model(torch.rand(1, 3, 256, 256)).anomaly_map.shape == (1, 1, 256, 256)
+
+
+def test_fastflow_can_score_images_with_other_maps_than_it_draws() -> None:
+    model = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2, out_indices=[1, 2, 3, 4],
+                         map_out_indices=[1, 2, 3], score_out_indices=[2, 3, 4]).eval()
+    assert (model.hparams["map_out_indices"], model.hparams["score_out_indices"]) == ([1, 2, 3], [2, 3, 4])
+    images = torch.rand(1, 3, 256, 256)  # anomalib's default input size
+    with torch.no_grad():
+        latents, _ = model.model.flow(images)
+        output = model.model(images)
+    every_map = AnomalyMapGenerator((256, 256))
+    assert torch.equal(output.anomaly_map, every_map(latents[:3]))
+    assert torch.equal(output.pred_score, every_map(latents[1:]).amax(dim=(-2, -1)))
 
 
 def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:

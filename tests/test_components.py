@@ -35,14 +35,20 @@ def test_prior_is_read_from_the_backbone(backbone: str) -> None:
     [
         ("resnet_does_not_exist", ("layer1", "layer2", "layer3"), "Unknown backbone"),
         ("resnet18", ("layer1", "layer2", "layer9"), r"Layer\(s\) \['layer9'\] not found"),
-        ("resnet18", ("layer1", "layer2"), "exactly 3 feature layers"),
-        ("resnet18", ("layer1", "layer2", "layer3", "layer4"), "exactly 3 feature layers"),
-        ("resnet18", ("layer1", "layer1", "layer2"), "three different strides"),
+        ("resnet18", ("layer1", "layer2"), "at least 3 feature layers"),
+        ("resnet18", ("layer1", "layer1", "layer2"), "needs different strides"),
     ],
 )
 def test_bad_backbone_configuration_is_named(backbone: str, layers: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         describe_prior(backbone, layers)
+
+
+def test_four_layers_put_every_scale_on_the_coarsest_grid() -> None:
+    scales = describe_prior("resnet18", ("layer1", "layer2", "layer3", "layer4"))
+    assert scales.strides == (4, 8, 16, 32)
+    assert scales.patch_sizes == (8, 4, 2, 1)
+    assert scales.grid_size((128, 64)) == (4, 2)
 
 
 def test_input_size_must_fit_the_grid() -> None:
@@ -228,6 +234,28 @@ def test_the_model_scores_with_the_map_it_was_given() -> None:
     assert torch.equal(log_likelihood(images).pred_score, log_likelihood_map.amax(dim=(-2, -1)))
     with pytest.raises(ValueError, match="Unknown anomaly map 'energy': choose one of"):
         same_flows_two_maps("energy")
+
+
+def test_the_map_and_the_score_can_come_from_their_own_layers() -> None:
+    torch.manual_seed(0)
+    model = DadfModel(input_size=(64, 64), backbone="resnet18", layers=("layer1", "layer2", "layer3", "layer4"),
+                      pre_trained=False, embed_dim=8, depth=1, num_heads=2, flow_steps=2, flow_inputs=["prior"],
+                      map_layers=["layer1", "layer2", "layer3"], score_layers=["layer4", "layer2", "layer3"]).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        latents, _ = model.flow(model.extract_priors(images))
+        output = model(images)
+    every_scale = AnomalyMapGenerator((64, 64))
+    assert torch.equal(output.anomaly_map, every_scale(latents[:3]))
+    assert torch.equal(output.pred_score, every_scale(latents[1:]).amax(dim=(-2, -1)))
+    assert not torch.equal(output.pred_score, output.anomaly_map.amax(dim=(-2, -1))), "the score is not the map's"
+
+
+@pytest.mark.parametrize("argument", ["map_layers", "score_layers"])
+@pytest.mark.parametrize("chosen", [[], ["layer4"], ["layer1", "layer1"]])
+def test_map_and_score_layers_outside_the_layers_are_named(argument: str, chosen: list[str]) -> None:
+    with pytest.raises(ValueError, match=rf"{argument} must be a non-empty subset of the model's scales \['layer1'"):
+        DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, **{argument: chosen})
 
 
 def perturbed_flow(subnet: str = "conv") -> DiscriminativeFlow:

@@ -1,11 +1,11 @@
 """anomalib's FastFlow on any timm CNN, so that every model of a benchmark row shares one backbone.
 
-anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path (timm
-``features_only`` maps at ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is
-generic. ``TimmFastflow`` routes another timm CNN through exactly that path; the benchmark table
-names the model ``TimmFastflow`` wherever it does so. It also takes DADF's choice of anomaly map,
-DADF's stop on the flows' likelihood of held-out normal images, its choice of flow objective and
-(``out_indices``) other maps of the backbone, so that what DADF is tuned over is open to FastFlow too.
+anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path (timm ``features_only`` maps at
+``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is generic. ``TimmFastflow`` routes another
+timm CNN through exactly that path; the benchmark table names the model ``TimmFastflow`` wherever it does so. It
+also takes DADF's choice of anomaly map, DADF's stop on the flows' likelihood of held-out normal images, its choice
+of flow objective and (``out_indices``) other maps of the backbone, with the map and the image score from their own
+maps if wished, so that what DADF is tuned over is open to FastFlow too.
 """
 
 from collections.abc import Sequence
@@ -18,7 +18,7 @@ from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fas
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from anomalib_dadf.anomaly_map import AnomalyMapGenerator
+from anomalib_dadf.anomaly_map import AnomalyMapGenerator, scale_indices
 from anomalib_dadf.components import flow_with_log_jacobian_map
 from anomalib_dadf.metrics import (
     HeldOutFlowNll,
@@ -44,6 +44,8 @@ class TimmCnnFastflowModel(FastflowModel):
         hidden_ratio: float = 1.0,
         anomaly_map: str = "probability",
         out_indices: Sequence[int] = CNN_OUT_INDICES,
+        map_out_indices: Sequence[int] | None = None,
+        score_out_indices: Sequence[int] | None = None,
     ) -> None:
         # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
         super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
@@ -71,7 +73,12 @@ class TimmCnnFastflowModel(FastflowModel):
             )
             for shape in shapes
         )
-        self.anomaly_map_generator = AnomalyMapGenerator(input_size, kind=anomaly_map)
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            input_size,
+            kind=anomaly_map,
+            map_scales=scale_indices(map_out_indices, out_indices, "map_out_indices"),
+            score_scales=scale_indices(score_out_indices, out_indices, "score_out_indices"),
+        )
 
     def flow(self, images: torch.Tensor, per_position: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """FastFlow's latents and log-determinants (of the flows, not the norms), per image or per position."""
@@ -85,8 +92,7 @@ class TimmCnnFastflowModel(FastflowModel):
         """FastFlow's anomaly map and image score; the ``"density"`` map counts the norms' log-determinant too."""
         if self.anomaly_map_generator.uses_log_jacobians:
             log_jacobians = with_norm_log_jacobians(log_jacobians, self.norms)
-        anomaly_map = self.anomaly_map_generator(latents, log_jacobians)
-        return InferenceBatch(pred_score=torch.amax(anomaly_map, dim=(-2, -1)), anomaly_map=anomaly_map)
+        return self.anomaly_map_generator.score(latents, log_jacobians)
 
     def forward(self, input_tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         """As :class:`FastflowModel`: latents and log-determinants in training mode, else the scores."""
@@ -102,7 +108,9 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ``flow_patience`` ends training once the flows' likelihood of the validation split's normal images
     (``held_out_flow_nll``, logged every epoch) has not improved for that many epochs, as DADF's does;
     ``flow_objective`` is DADF's too (``"exact"`` counts the log-determinant of FastFlow's trainable norms).
-    ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default.
+    ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default;
+    ``map_out_indices`` and ``score_out_indices`` (subsets of them, all by default) draw the anomaly map and give
+    the image score, as DADF's ``map_layers`` and ``score_layers`` do.
     """
 
     def __init__(
@@ -116,6 +124,8 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         flow_patience: int | None = None,
         flow_objective: str = "paper",
         out_indices: Sequence[int] = CNN_OUT_INDICES,
+        map_out_indices: Sequence[int] | None = None,
+        score_out_indices: Sequence[int] | None = None,
         **kwargs,
     ) -> None:
         if flow_patience is not None:
@@ -139,6 +149,8 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             hidden_ratio=hidden_ratio,
             anomaly_map=anomaly_map,
             out_indices=out_indices,
+            map_out_indices=map_out_indices,
+            score_out_indices=score_out_indices,
         )
         self.held_out_flow_nll = HeldOutFlowNll()
 

@@ -1,8 +1,9 @@
 """Checks a timm CNN backbone and layer choice before any weights are loaded.
 
-DADF needs exactly three feature maps whose strides divide each other, so that every scale can be
-patch-embedded onto the grid of the coarsest one. This module reads channels and strides from timm's
-``feature_info`` (never from a table), so any timm CNN with ``features_only`` support works.
+DADF needs three feature maps (the paper's; more when the anomaly map and the image score take their own) whose
+strides divide the coarsest, so that every scale can be patch-embedded onto the grid of the coarsest one. This
+module reads channels and strides from timm's ``feature_info`` (never from a table), so any timm CNN with
+``features_only`` support works.
 """
 
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ import timm
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
-NUM_SCALES = 3
+MIN_SCALES = 3
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,14 @@ def describe_prior(backbone: str, layers: Sequence[str]) -> PriorScales:
 
     Args:
         backbone: timm model name of a CNN, for example ``"wide_resnet50_2"``.
-        layers: Names of the three feature layers, from finest to coarsest.
+        layers: Names of the feature layers (three, or more), from finest to coarsest.
 
     Returns:
         PriorScales: Indices, channels and strides of the requested layers.
 
     Raises:
         ValueError: Unknown backbone, a backbone without multi-scale features, unknown layers,
-            not exactly three layers, or strides that do not divide the coarsest one.
+            fewer than three layers, or strides that repeat or do not divide the coarsest one.
     """
     if not timm.is_model(backbone):
         close = timm.list_models(f"*{backbone.split('_')[0]}*")[:8]
@@ -100,9 +101,9 @@ def describe_prior(backbone: str, layers: Sequence[str]) -> PriorScales:
     info = probe.feature_info.info
     available = [entry["module"] for entry in info]
     layers = list(layers)
-    if len(layers) != NUM_SCALES:
+    if len(layers) < MIN_SCALES:
         msg = (
-            f"DADF uses exactly {NUM_SCALES} feature layers (fine, middle, coarse), got {len(layers)}: {layers}. "
+            f"DADF uses at least {MIN_SCALES} feature layers (fine, middle, coarse), got {len(layers)}: {layers}. "
             f"Layers of '{backbone}': {available}."
         )
         raise ValueError(msg)
@@ -115,9 +116,9 @@ def describe_prior(backbone: str, layers: Sequence[str]) -> PriorScales:
     strides = tuple(int(info[index]["reduction"]) for index in indices)
     channels = tuple(int(info[index]["num_chs"]) for index in indices)
     coarsest = max(strides)
-    if any(coarsest % stride for stride in strides) or len(set(strides)) != NUM_SCALES:
+    if any(coarsest % stride for stride in strides) or len(set(strides)) != len(strides):
         msg = (
-            f"Layers {layers} of '{backbone}' have strides {list(strides)}: DADF needs three different strides "
+            f"Layers {layers} of '{backbone}' have strides {list(strides)}: DADF needs different strides "
             "that each divide the coarsest one (for example 4, 8, 16)."
         )
         raise ValueError(msg)
