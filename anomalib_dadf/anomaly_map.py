@@ -12,6 +12,11 @@ is the paper's map with it put back: per scale ``-exp(log p / C)``, with ``log p
 ``C`` layer-normalised features at each position (``-0.5 * sum_c(z^2)`` plus the log-determinant of the flow and of
 the norm's affine weights at that position), as CFLOW and MSFlow score.
 
+The image score is the maximum of a map (the paper's), or with ``score_top_fraction`` the mean of that share of
+the map's highest values (MSFlow scores with its top 10 %), so that one stray position cannot set it alone. By
+default the map and the score see every scale; ``map_scales`` and ``score_scales`` give each its own, so that fine
+scales can draw the map while coarse ones, less prone to false alarms on a single position, score the image.
+
 Example:
     >>> import torch
     >>> from anomalib_dadf.anomaly_map import AnomalyMapGenerator
@@ -28,6 +33,10 @@ Example:
     >>> scores = split.score(latents)
     >>> scores.anomaly_map.amax().item(), scores.pred_score.item()  # the map from the first scale, the score from the second
     (0.0, 50.0)
+    >>> peak = torch.zeros(1, 1, 4, 4)
+    >>> peak[..., 0, 0] = 4.0  # one position of 16 stands out: its map value is 0.5 * 4^2 = 8
+    >>> AnomalyMapGenerator((4, 4), kind="log_likelihood", score_top_fraction=0.25).score([peak]).pred_score.item()
+    2.0
 """
 
 from collections.abc import Sequence
@@ -71,10 +80,12 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         input_size: Height and width of the map.
         kind: ``"probability"`` (the paper's and FastFlow's), ``"log_likelihood"`` or ``"density"``.
         map_scales: Positions of the scales that draw the map :meth:`score` gives; ``None``: all.
-        score_scales: Positions of the scales whose map's maximum is the image score; ``None``: all.
+        score_scales: Positions of the scales whose map gives the image score; ``None``: all.
+        score_top_fraction: Share of the score map's positions (at ``input_size``) whose mean is the image score,
+            in (0, 1]; ``None``: its maximum.
 
     Raises:
-        ValueError: Unknown ``kind``.
+        ValueError: Unknown ``kind``, or a ``score_top_fraction`` outside (0, 1].
     """
 
     def __init__(
@@ -83,6 +94,7 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         kind: str = "probability",
         map_scales: Sequence[int] | None = None,
         score_scales: Sequence[int] | None = None,
+        score_top_fraction: float | None = None,
     ) -> None:
         super().__init__(input_size=input_size)
         if kind not in ANOMALY_MAPS:
@@ -91,6 +103,11 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         self.kind = kind
         self.map_scales = None if map_scales is None else tuple(map_scales)
         self.score_scales = None if score_scales is None else tuple(score_scales)
+        if score_top_fraction is not None and not 0 < score_top_fraction <= 1:
+            msg = f"score_top_fraction must be in (0, 1] (or None for the map's maximum), got {score_top_fraction}."
+            raise ValueError(msg)
+        positions = self.input_size[0] * self.input_size[1]
+        self.score_positions = None if score_top_fraction is None else max(1, round(score_top_fraction * positions))
 
     @property
     def uses_log_jacobians(self) -> bool:
@@ -132,7 +149,7 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         hidden_variables: Sequence[torch.Tensor],
         log_jacobians: Sequence[torch.Tensor] | None = None,
     ) -> InferenceBatch:
-        """Anomaly map of the ``map_scales`` and image score, the maximum of the ``score_scales``' map.
+        """Anomaly map of the ``map_scales`` and image score from the ``score_scales``' map (its maximum or top share).
 
         Args:
             hidden_variables: The latents, one ``(N, C, h, w)`` tensor per scale.
@@ -144,7 +161,11 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
             if self.score_scales == self.map_scales
             else self._scales_map(self.score_scales, hidden_variables, log_jacobians)
         )
-        return InferenceBatch(pred_score=torch.amax(score_map, dim=(-2, -1)), anomaly_map=anomaly_map)
+        if self.score_positions is None:
+            pred_score = torch.amax(score_map, dim=(-2, -1))
+        else:
+            pred_score = torch.topk(score_map.flatten(start_dim=-2), self.score_positions, dim=-1).values.mean(dim=-1)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def _scales_map(
         self,

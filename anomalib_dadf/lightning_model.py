@@ -91,6 +91,7 @@ ARCHITECTURE = (
     "anomaly_map",
     "map_layers",
     "score_layers",
+    "score_top_fraction",
 )
 
 
@@ -144,6 +145,9 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
             all of them, as the paper does.
         score_layers (Sequence[str] | None): The ``layers`` whose flows' map gives the image score (its maximum),
             for example the coarser ones of four while the finer three draw the map. Defaults to ``None``: all.
+        score_top_fraction (float | None): The image score is the mean of this share (in (0, 1]) of the score map's
+            highest positions, as MSFlow scores with its top 10 %. Defaults to ``None``: the map's maximum, as the
+            paper does.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
             is set. Defaults to ``200``.
         reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
@@ -194,10 +198,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         visualizer (Visualizer | bool): Visualizer. Defaults to ``True``.
 
     Raises:
-        ValueError: On a configuration that cannot work: unknown backbone or layers, fewer than three
-            layers, map or score layers outside ``layers``, an input size the token grid cannot take, a stage
-            without epochs, a held-out share outside (0, 1) for the stage-1 stop, a flow patience below 1, or an
-            unknown flow objective.
+        ValueError: On a configuration that cannot work: unknown backbone or layers, fewer than three layers,
+            map or score layers outside ``layers``, a score top fraction outside (0, 1], an input size the
+            token grid cannot take, a stage without epochs, a held-out share outside (0, 1) for the stage-1
+            stop, a flow patience below 1, or an unknown flow objective.
     """
 
     def __init__(
@@ -218,6 +222,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         anomaly_map: str = "probability",
         map_layers: Sequence[str] | None = None,
         score_layers: Sequence[str] | None = None,
+        score_top_fraction: float | None = None,
         reconstruction_epochs: int = 200,
         reconstruction_patience: int | None = None,
         reconstruction_holdout: float = 0.1,

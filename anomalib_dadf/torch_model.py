@@ -46,11 +46,13 @@ class DadfModel(nn.Module):
         anomaly_map: ``"probability"`` (the paper's negative-probability map), ``"log_likelihood"`` or
             ``"density"`` (the paper's map with the flows' Jacobian counted; see :mod:`anomalib_dadf.anomaly_map`).
         map_layers: The ``layers`` whose flows draw the anomaly map; ``None`` (the paper's): all.
-        score_layers: The ``layers`` whose flows' map gives the image score (its maximum); ``None`` (the paper's): all.
+        score_layers: The ``layers`` whose flows' map gives the image score; ``None`` (the paper's): all.
+        score_top_fraction: The image score is the mean of this share of the score map's highest positions;
+            ``None`` (the paper's): its maximum.
 
     Raises:
         ValueError: Unknown, repeated or no flow inputs, an unknown anomaly map, or map or score layers that are
-            not among ``layers`` (besides the prior's and the grid's errors).
+            not among ``layers``, or a top fraction outside (0, 1] (besides the prior's and the grid's errors).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class DadfModel(nn.Module):
         anomaly_map: str = "probability",
         map_layers: Sequence[str] | None = None,
         score_layers: Sequence[str] | None = None,
+        score_top_fraction: float | None = None,
     ) -> None:
         super().__init__()
         self.flow_inputs = tuple(flow_inputs)
@@ -111,6 +114,7 @@ class DadfModel(nn.Module):
             kind=anomaly_map,
             map_scales=scale_indices(map_layers, layers, "map_layers"),
             score_scales=scale_indices(score_layers, layers, "score_layers"),
+            score_top_fraction=score_top_fraction,
         )
 
     def extract_priors(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -164,7 +168,7 @@ class DadfModel(nn.Module):
             images: Normalised images, ``(B, 3, H, W)``.
 
         Returns:
-            InferenceBatch: ``anomaly_map`` ``(B, 1, H, W)`` and ``pred_score`` (the maximum of the score layers' map).
+            InferenceBatch: ``anomaly_map`` ``(B, 1, H, W)`` and ``pred_score`` (the score layers' map's maximum or top share).
         """
         return self.score(self.extract_priors(images))
 
@@ -194,7 +198,7 @@ class DadfModel(nn.Module):
         latents: Sequence[torch.Tensor],
         log_jacobians: Sequence[torch.Tensor] | None = None,
     ) -> InferenceBatch:
-        """Anomaly map and image score (the maximum of the score layers' map) of the flows' latents.
+        """Anomaly map and image score (from the score layers' map) of the flows' latents.
 
         Args:
             latents: The flows' latents, one per scale.

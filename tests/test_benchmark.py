@@ -42,17 +42,19 @@ def test_fastflow_models_the_backbone_maps_it_is_given() -> None:
     assert model.eval().model(torch.rand(1, 3, 256, 256)).anomaly_map.shape == (1, 1, 256, 256)
 
 
-def test_fastflow_can_score_images_with_other_maps_than_it_draws() -> None:
+def test_fastflow_can_score_images_with_other_maps_than_it_draws_and_by_their_top_share() -> None:
     model = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2, out_indices=[1, 2, 3, 4],
-                         map_out_indices=[1, 2, 3], score_out_indices=[2, 3, 4]).eval()
+                         map_out_indices=[1, 2, 3], score_out_indices=[2, 3, 4], score_top_fraction=0.5).eval()
     assert (model.hparams["map_out_indices"], model.hparams["score_out_indices"]) == ([1, 2, 3], [2, 3, 4])
+    assert model.hparams["score_top_fraction"] == 0.5
     images = torch.rand(1, 3, 256, 256)  # anomalib's default input size
     with torch.no_grad():
         latents, _ = model.model.flow(images)
         output = model.model(images)
     every_map = AnomalyMapGenerator((256, 256))
     assert torch.equal(output.anomaly_map, every_map(latents[:3]))
-    assert torch.equal(output.pred_score, every_map(latents[1:]).amax(dim=(-2, -1)))
+    score_map = every_map(latents[1:]).flatten(start_dim=-2)
+    assert torch.allclose(output.pred_score, score_map.topk(256 * 128, dim=-1).values.mean(dim=-1))
 
 
 def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:

@@ -215,13 +215,13 @@ def test_the_log_likelihood_map_lets_one_scale_dominate_where_probability_satura
     assert probability([normal, faint]).amax() < probability([normal, strong]).amax()
 
 
-def same_flows_two_maps(anomaly_map: str) -> tuple[DadfModel, DadfModel]:
-    """A tiny flow-on-prior model with the paper's map, and one with ``anomaly_map`` and the same weights."""
+def same_flows_two_maps(anomaly_map: str, **scoring: object) -> tuple[DadfModel, DadfModel]:
+    """A tiny flow-on-prior model with the paper's map, and one with ``anomaly_map`` (and ``scoring``) and the same weights."""
     arguments = {"input_size": (64, 64), "backbone": "resnet18", "pre_trained": False, "embed_dim": 8, "depth": 1,
                  "num_heads": 2, "flow_steps": 2, "flow_inputs": ["prior"]}
     torch.manual_seed(0)
     paper = DadfModel(**arguments).eval()
-    other = DadfModel(**arguments, anomaly_map=anomaly_map).eval()
+    other = DadfModel(**arguments, anomaly_map=anomaly_map, **scoring).eval()
     other.load_state_dict(paper.state_dict())
     return paper, other
 
@@ -249,6 +249,20 @@ def test_the_map_and_the_score_can_come_from_their_own_layers() -> None:
     assert torch.equal(output.anomaly_map, every_scale(latents[:3]))
     assert torch.equal(output.pred_score, every_scale(latents[1:]).amax(dim=(-2, -1)))
     assert not torch.equal(output.pred_score, output.anomaly_map.amax(dim=(-2, -1))), "the score is not the map's"
+
+
+def test_the_score_can_be_the_mean_of_the_maps_top_share() -> None:
+    paper, top_tenth = same_flows_two_maps("probability", score_top_fraction=0.1)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        output, paper_output = top_tenth(images), paper(images)
+    assert torch.equal(output.anomaly_map, paper_output.anomaly_map), "the map is the paper's"
+    highest = output.anomaly_map.flatten(start_dim=-2).sort(dim=-1, descending=True).values[..., :410]  # 10 % of 4096
+    assert torch.allclose(output.pred_score, highest.mean(dim=-1))
+    assert (output.pred_score < paper_output.pred_score).all(), "below the maximum"
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"score_top_fraction must be in \(0, 1\].*got {fraction}"):
+            DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, score_top_fraction=fraction)
 
 
 @pytest.mark.parametrize("argument", ["map_layers", "score_layers"])

@@ -46,6 +46,7 @@ class TimmCnnFastflowModel(FastflowModel):
         out_indices: Sequence[int] = CNN_OUT_INDICES,
         map_out_indices: Sequence[int] | None = None,
         score_out_indices: Sequence[int] | None = None,
+        score_top_fraction: float | None = None,
     ) -> None:
         # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
         super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
@@ -78,6 +79,7 @@ class TimmCnnFastflowModel(FastflowModel):
             kind=anomaly_map,
             map_scales=scale_indices(map_out_indices, out_indices, "map_out_indices"),
             score_scales=scale_indices(score_out_indices, out_indices, "score_out_indices"),
+            score_top_fraction=score_top_fraction,
         )
 
     def flow(self, images: torch.Tensor, per_position: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -110,7 +112,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ``flow_objective`` is DADF's too (``"exact"`` counts the log-determinant of FastFlow's trainable norms).
     ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default;
     ``map_out_indices`` and ``score_out_indices`` (subsets of them, all by default) draw the anomaly map and give
-    the image score, as DADF's ``map_layers`` and ``score_layers`` do.
+    the image score, as DADF's ``map_layers`` and ``score_layers`` do; ``score_top_fraction`` is DADF's too.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         out_indices: Sequence[int] = CNN_OUT_INDICES,
         map_out_indices: Sequence[int] | None = None,
         score_out_indices: Sequence[int] | None = None,
+        score_top_fraction: float | None = None,
         **kwargs,
     ) -> None:
         if flow_patience is not None:
@@ -151,6 +154,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             out_indices=out_indices,
             map_out_indices=map_out_indices,
             score_out_indices=score_out_indices,
+            score_top_fraction=score_top_fraction,
         )
         self.held_out_flow_nll = HeldOutFlowNll()
 
