@@ -94,13 +94,14 @@ def test_exported_model_matches_the_lightning_model(trained, export_type: Export
         assert runs_at_f32(exported)
 
 
-def test_the_density_map_exports_with_parity(trained, monkeypatch) -> None:
-    # Its per-position log-determinants are read with forward hooks, which the traced export must keep.
+def test_the_density_map_and_a_score_of_its_own_export_with_parity(trained, monkeypatch) -> None:
+    # Its per-position log-determinants are read with forward hooks, which the traced export must keep; the
+    # score's own layers and top share are ops of the exported graph too.
     monkeypatch.chdir(trained.work)
     seed_everything(0)
     model = Dadf(
         **TINY_MODEL, flow_epochs=3, flow_inputs=["prior"], flow_objective="exact", anomaly_map="density",
-        pre_processor=small_pre_processor(),
+        score_layers=["layer2", "layer3"], score_top_fraction=0.1, pre_processor=small_pre_processor(),
     )
     engine = Engine(default_root_dir=trained.work / "density", accelerator="cpu", devices=1)
     engine.fit(model=model, datamodule=trained.datamodule)
