@@ -124,7 +124,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         pre_trained (bool): Load the backbone's ImageNet weights. Defaults to ``True``.
         backbone_weights (str | None): Local checkpoint of the whole timm backbone (``.safetensors``
             or ``.pth``) to load instead of timm's download; needs ``pre_trained``. Defaults to ``None``.
-        embed_dim (int): Patch-embedding width per scale; tokens are one per layer wide (three times with three).
+        embed_dim (int): Patch-embedding width per scale; tokens are ``embed_dim`` times the number of layers wide.
             Defaults to ``480``.
         depth (int): Dual-attention blocks. Defaults to ``8``.
         num_heads (int): Attention heads. Defaults to ``8``.

@@ -33,7 +33,7 @@ class DadfModel(nn.Module):
         layers: Backbone layers, finest first: the paper's three, or more when ``map_layers`` and ``score_layers``
             share them out.
         pre_trained: Load the backbone's pretrained weights.
-        embed_dim: Patch-embedding width per scale (tokens are as many times as wide as there are layers).
+        embed_dim: Patch-embedding width per scale (tokens are ``embed_dim`` times the number of layers wide).
         depth: Number of dual-attention blocks.
         num_heads: Attention heads.
         mlp_ratio: MLP width of the blocks relative to the token width.
