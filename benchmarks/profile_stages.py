@@ -25,7 +25,7 @@ from anomalib.models.components import AnomalibModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from latency import SIZE, Deployed, dadf, dadf_tuned, fastflow
+from latency import SIZE, Deployed, dadf, dadf_chosen, dadf_tuned, fastflow
 
 from anomalib_dadf.parity import F32
 
@@ -83,7 +83,7 @@ def main() -> None:
     order = ["pre-processing", "backbone", "Transformer", "flows", "anomaly map", "post-processing", "other"]
     rows = []
     with torch.no_grad():
-        for name, builder in (("DADF", dadf), ("DADF-tuned", dadf_tuned), ("FastFlow", fastflow)):
+        for name, builder in (("DADF", dadf), ("DADF-tuned", dadf_tuned), ("DADF-chosen", dadf_chosen), ("FastFlow", fastflow)):
             for batch in (1, 8):
                 stages = profile(builder(), batch, arguments.rounds)
                 total = sum(stages.values())
