@@ -143,8 +143,8 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
             flows' Jacobian counted at each position, the exact density). Defaults to ``"probability"``.
         map_layers (Sequence[str] | None): The ``layers`` whose flows draw the anomaly map. Defaults to ``None``:
             all of them, as the paper does.
-        score_layers (Sequence[str] | None): The ``layers`` whose flows' map gives the image score (its maximum),
-            for example the coarser ones of four while the finer three draw the map. Defaults to ``None``: all.
+        score_layers (Sequence[str] | None): The ``layers`` whose flows' map gives the image score, for example
+            the coarser ones of four while the finer three draw the map. Defaults to ``None``: all.
         score_top_fraction (float | None): The image score is the mean of this share (in (0, 1]) of the score map's
             highest positions, as MSFlow scores with its top 10 %. Defaults to ``None``: the map's maximum, as the
             paper does.
