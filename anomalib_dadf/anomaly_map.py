@@ -44,7 +44,10 @@ from collections.abc import Sequence
 import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.image.fastflow.anomaly_map import AnomalyMapGenerator as ProbabilityMapGenerator
+from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+from .metrics import with_norm_log_jacobians
 
 ANOMALY_MAPS = ("probability", "log_likelihood", "density")
 
@@ -148,13 +151,18 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         self,
         hidden_variables: Sequence[torch.Tensor],
         log_jacobians: Sequence[torch.Tensor] | None = None,
+        norms: Sequence[nn.LayerNorm] = (),
     ) -> InferenceBatch:
         """Anomaly map of the ``map_scales`` and image score from the ``score_scales``' map (its maximum or top share).
 
         Args:
             hidden_variables: The latents, one ``(N, C, h, w)`` tensor per scale.
-            log_jacobians: As for :meth:`forward`.
+            log_jacobians: The flows' log-determinants per position, as for :meth:`forward`.
+            norms: The LayerNorm in front of each scale's flow, whose affine map's log-determinant the ``"density"``
+                map adds to the flows'; the other maps ignore it.
         """
+        if log_jacobians is not None and self.uses_log_jacobians and norms:
+            log_jacobians = with_norm_log_jacobians(log_jacobians, norms)
         anomaly_map = self._scales_map(self.map_scales, hidden_variables, log_jacobians)
         score_map = (
             anomaly_map
@@ -174,7 +182,6 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         log_jacobians: Sequence[torch.Tensor] | None,
     ) -> torch.Tensor:
         """The map of some scales (``None``: all)."""
-        if scales is None:
-            return self(list(hidden_variables), None if log_jacobians is None else list(log_jacobians))
-        chosen_jacobians = None if log_jacobians is None else [log_jacobians[index] for index in scales]
-        return self([hidden_variables[index] for index in scales], chosen_jacobians)
+        indices = range(len(hidden_variables)) if scales is None else scales
+        chosen_jacobians = None if log_jacobians is None else [log_jacobians[index] for index in indices]
+        return self([hidden_variables[index] for index in indices], chosen_jacobians)

@@ -19,7 +19,6 @@ from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, scale_indices
 from .components import DiscriminativeFlow, DualAttentionTransformer, describe_prior
-from .metrics import with_norm_log_jacobians
 
 FLOW_VIEWS = ("prior", "local", "global")
 
@@ -205,6 +204,4 @@ class DadfModel(nn.Module):
             log_jacobians: The flows' log-determinants per position (:meth:`flow` with ``per_position``),
                 which the ``"density"`` map needs and the others ignore.
         """
-        if log_jacobians is not None and self.anomaly_map_generator.uses_log_jacobians:
-            log_jacobians = with_norm_log_jacobians(log_jacobians, self.flow_norms)
-        return self.anomaly_map_generator.score(latents, log_jacobians)
+        return self.anomaly_map_generator.score(latents, log_jacobians, self.flow_norms)

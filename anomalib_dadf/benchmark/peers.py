@@ -92,9 +92,7 @@ class TimmCnnFastflowModel(FastflowModel):
 
     def score(self, latents: list[torch.Tensor], log_jacobians: list[torch.Tensor]) -> InferenceBatch:
         """FastFlow's anomaly map and image score; the ``"density"`` map counts the norms' log-determinant too."""
-        if self.anomaly_map_generator.uses_log_jacobians:
-            log_jacobians = with_norm_log_jacobians(log_jacobians, self.norms)
-        return self.anomaly_map_generator.score(latents, log_jacobians)
+        return self.anomaly_map_generator.score(latents, log_jacobians, self.norms)
 
     def forward(self, input_tensor: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         """As :class:`FastflowModel`: latents and log-determinants in training mode, else the scores."""
