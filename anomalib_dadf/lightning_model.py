@@ -41,7 +41,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import optim
+from torch import nn, optim
 from torch.nn.utils import get_total_norm
 from torchmetrics import MeanMetric
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -64,9 +64,9 @@ from .loss import FlowLoss, ReconstructionLoss
 from .metrics import (
     SPRO,
     FieldAwareEvaluator,
-    HeldOutFlowNll,
     HeldOutFlowStopMixin,
     check_flow_objective,
+    check_flow_stop,
     held_out_flow_stop,
     with_norm_log_jacobians,
 )
@@ -163,6 +163,11 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
             the last epoch's weights. Validation images should be training images (``val_split_mode``
             ``from_train`` or ``synthetic``); a split taken from the test set gets a warning. ``None`` trains
             stage 2 for exactly ``flow_epochs``. Defaults to ``None``.
+        flow_stop (str): With ``flow_patience``, ``"joint"`` ends stage 2 when the flows' likelihood summed over
+            them stalls; ``"per_flow"`` stops each flow (and the norm in front of it) when its own likelihood
+            stalls (logged as ``held_out_flow_nll/0``, ``/1``, ... finest first) and ends stage 2 when all have
+            stopped, so that the largest flow's likelihood does not decide when the others stop. Defaults to
+            ``"joint"``.
         flow_objective (str): ``"paper"`` (DADF's and FastFlow's maximum-likelihood loss) or ``"exact"`` (the
             same plus the log-determinant of the LayerNorm's elementwise affine map in front of each flow).
             The paper's loss trains that map but leaves its log-determinant out, so it falls without bound
@@ -201,7 +206,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         ValueError: On a configuration that cannot work: unknown backbone or layers, fewer than three layers,
             map or score layers outside ``layers``, a score top fraction outside (0, 1], an input size the
             token grid cannot take, a stage without epochs, a held-out share outside (0, 1) for the stage-1
-            stop, a flow patience below 1, or an unknown flow objective.
+            stop, a flow patience below 1, or an unknown flow objective or flow stop.
     """
 
     def __init__(
@@ -228,6 +233,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         reconstruction_holdout: float = 0.1,
         flow_epochs: int = 15,
         flow_patience: int | None = None,
+        flow_stop: str = "joint",
         flow_objective: str = "paper",
         reconstruction_lr: float = 1e-4,
         flow_lr: float = 1e-3,
@@ -278,9 +284,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         self._plateau = None if reconstruction_patience is None else Plateau(reconstruction_patience)
         self._held_out: frozenset[str] = frozenset()
         self.held_out_loss = MeanMetric()
-        self.held_out_flow_nll = HeldOutFlowNll()
+        self.init_held_out_flow_nll(len(layers))
         if flow_patience is not None:
             held_out_flow_stop(flow_patience)  # refuses a patience that cannot work before any training
+        check_flow_stop(flow_stop)
         check_flow_objective(flow_objective, anomaly_map)
         # Two stages with two optimizers of different kinds: Lightning needs manual optimization for that.
         self.automatic_optimization = False
@@ -332,6 +339,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         if differs or (self.input_size is not None and tuple(self.input_size) != self.model.input_size):
             self.hparams.update(architecture)
             self.model = self._build_model(self.input_size)
+            self.init_held_out_flow_nll(len(self.model.flows))
         if "flow_steps_trained" not in state:
             # Checkpoints of version 0.1 predate the counter: a stage-2 epoch means the flows trained.
             reconstruction_epochs = saved.get("reconstruction_epochs", self.reconstruction_epochs)
@@ -635,8 +643,12 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         priors = self._cached("validation priors", batch, lambda: self.model.extract_priors(batch.image))
         latents, log_jacobians = self.model.flow(priors, per_position=self.model.anomaly_map_generator.uses_log_jacobians)
         if self.stage == Stage.FLOW:
-            self.held_out_flow_nll.update(latents, log_jacobians, self.model.flow_norms, batch.gt_label)
+            self.measure_held_out(latents, log_jacobians, self.model.flow_norms, batch.gt_label)
         return batch.update(**self.model.score_latents(latents, log_jacobians)._asdict())
+
+    def flow_scales(self) -> list[nn.Module]:
+        """Each scale's flow with the norm in front of it, finest first: what the per-flow stop stops."""
+        return list(self.model.flows)
 
     def configure_optimizers(self) -> list[optim.Optimizer]:
         """One optimizer per stage: AdamW for the Transformer, Adam for the flows."""

@@ -1,7 +1,10 @@
 """The flows' likelihood of held-out normal images, the stop of flow training on it, and the exact objective."""
 
+import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +17,13 @@ from anomalib_dadf.components import DiscriminativeFlow
 from anomalib_dadf.data import MVTec
 from anomalib_dadf.lightning_model import Stage
 from anomalib_dadf.loss import FlowLoss
-from anomalib_dadf.metrics import HELD_OUT_FLOW_NLL, HeldOutFlowNll, with_norm_log_jacobians
+from anomalib_dadf.metrics import (
+    HELD_OUT_FLOW_NLL,
+    HeldOutFlowNll,
+    PerFlowStop,
+    held_out_flow_nll_key,
+    with_norm_log_jacobians,
+)
 
 from .conftest import small_pre_processor
 from .test_training import datamodule, tiny_dadf
@@ -32,10 +41,17 @@ class LoggedNll(Callback):
         trainer.callback_metrics.pop(HELD_OUT_FLOW_NLL, None)
 
 
-def fit(model: LightningModule, root: Path, tmp_path: Path, **trainer_arguments: object) -> LoggedNll:
+def fit(
+    model: LightningModule, root: Path, tmp_path: Path, callbacks: Sequence[Callback] = (), **trainer_arguments: object,
+) -> LoggedNll:
     spy = LoggedNll()
     engine = Engine(
-        default_root_dir=tmp_path, callbacks=[spy], accelerator="cpu", devices=1, logger=False, **trainer_arguments,
+        default_root_dir=tmp_path,
+        callbacks=[spy, *callbacks],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        **trainer_arguments,
     )
     engine.fit(
         model=model, datamodule=datamodule(root),
@@ -221,3 +237,118 @@ def test_fastflow_measures_the_same_held_out_nll_from_per_position_log_determina
     scores = model.model(images)
     assert scores.anomaly_map.shape == (3, 1, 256, 256)
     assert torch.equal(scores.pred_score, scores.anomaly_map.amax(dim=(-2, -1)))
+
+
+class _Flows(torch.nn.Module):
+    """Two 'flows' for the per-flow stop: each a linear layer and a parameter that never trains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scales = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(2))
+        for scale in self.scales:
+            scale.register_parameter("fixed", torch.nn.Parameter(torch.ones(1), requires_grad=False))
+
+    def flow_scales(self) -> list[torch.nn.Module]:
+        return list(self.scales)
+
+
+def _validated(stop: PerFlowStop, trainer: SimpleNamespace, module: _Flows, values: list[float] | None) -> None:
+    trainer.callback_metrics = {} if values is None else {
+        held_out_flow_nll_key(scale): torch.tensor(value) for scale, value in enumerate(values)
+    }
+    stop.on_validation_end(trainer, module)
+    trainer.current_epoch += 1
+
+
+def test_the_per_flow_stop_stops_each_flow_on_its_own_nll_and_leaves_it_untouched_by_the_optimizer() -> None:
+    module, stop = _Flows(), PerFlowStop(patience=2)
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, should_stop=False, callback_metrics={})
+    _validated(stop, trainer, module, None)  # an epoch without the metrics (DADF's stage 1) is not counted
+    for values in ([1.0, 1.0], [0.9, 1.0], [0.8, 1.0005]):  # flow 1 stalls (a gain under 1e-3 is none)
+        _validated(stop, trainer, module, values)
+    assert stop.stopped == {1: 3}
+    assert not trainer.should_stop
+    assert [parameter.requires_grad for parameter in module.scales[1].parameters()] == [False, False, False]
+    assert all(parameter.requires_grad for name, parameter in module.scales[0].named_parameters() if name != "fixed")
+
+    optimizer = torch.optim.Adam(module.parameters(), lr=0.1, weight_decay=0.1)
+    before = [parameter.detach().clone() for parameter in module.parameters()]
+    optimizer.zero_grad()
+    sum(scale(torch.ones(1, 2)).sum() for scale in module.scales).backward()
+    optimizer.step()
+    moved = [not torch.equal(old, new) for old, new in zip(before, module.parameters(), strict=True)]
+    assert moved == [True, True, False, False, False, False], "only flow 0's weight and bias move"
+
+    for values in ([0.8, 0.5], [0.8, 0.5]):  # flow 1's NLL no longer counts once it stopped
+        _validated(stop, trainer, module, values)
+    assert stop.stopped == {1: 3, 0: 5}
+    assert trainer.should_stop
+
+    resumed = PerFlowStop(patience=2)
+    resumed.load_state_dict(stop.state_dict())
+    assert (resumed.best, resumed.waited, resumed.stopped) == (stop.best, stop.waited, stop.stopped)
+
+    stop.on_fit_end(trainer, module)
+    trainable = [(name, parameter.requires_grad) for name, parameter in module.named_parameters()]
+    assert all(flag == (not name.endswith("fixed")) for name, flag in trainable), "as found, fixed ones stay fixed"
+
+
+def script_flow_nlls(model: LightningModule) -> None:
+    """Each flow's held-out NLL as logged: the finest flow improves every epoch, the others stall."""
+    for scale, metric in enumerate(model.held_out_flow_nlls):
+        metric.compute = lambda scale=scale: torch.tensor(-float(model.current_epoch) if scale == 0 else 0.0)
+
+
+@pytest.mark.parametrize("model_kind", ["dadf", "fastflow"])
+def test_with_the_per_flow_stop_a_stalled_flow_keeps_its_weights_while_the_others_train(
+    mvtec_root: Path, tmp_path: Path, model_kind: str,
+) -> None:
+    torch.manual_seed(0)
+    if model_kind == "dadf":
+        model = tiny_dadf(flow_inputs=["prior"], flow_epochs=4, flow_patience=1, flow_stop="per_flow", flow_lr=1e-2)
+    else:
+        model = tiny_fastflow(flow_patience=1, flow_stop="per_flow")
+    script_flow_nlls(model)
+    snapshots = FlowSnapshots()
+    spy = fit(model, mvtec_root, tmp_path, callbacks=[snapshots], max_epochs=4)
+    stop = next(callback for callback in model.trainer.callbacks if isinstance(callback, PerFlowStop))
+    scales = len(model.flow_scales())
+    assert {held_out_flow_nll_key(scale) for scale in range(scales)} <= set(model.trainer.callback_metrics)
+    assert stop.stopped == dict.fromkeys(range(1, scales), 1), "best at epoch 0, one epoch without improvement"
+    assert len(spy.epochs) == 4, "the finest flow never stalls, so training runs to the cap"
+    finest = [state[0] for state in snapshots.epochs]
+    assert all(not torch.equal(before, after) for before, after in itertools.pairwise(finest)), "it trains every epoch"
+    for scale in range(1, scales):
+        assert not torch.equal(snapshots.epochs[1][scale], snapshots.epochs[2][scale]), "trained until it stopped"
+        assert all(torch.equal(state[scale], snapshots.epochs[2][scale]) for state in snapshots.epochs[2:])
+    assert all(parameter.requires_grad for parameter in snapshots.trainable), "trainable again after the fit"
+
+
+class FlowSnapshots(Callback):
+    """Each flow's parameters (one flat tensor per scale) after every training epoch; the trainable ones."""
+
+    def __init__(self) -> None:
+        self.epochs: list[list[torch.Tensor]] = []
+        self.trainable: list[torch.nn.Parameter] = []
+
+    def _take(self, pl_module: LightningModule) -> list[torch.Tensor]:
+        return [torch.cat([p.detach().flatten() for p in scale.parameters()]) for scale in pl_module.flow_scales()]
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer
+        self.trainable = [p for scale in pl_module.flow_scales() for p in scale.parameters() if p.requires_grad]
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer
+        self.epochs.append(self._take(pl_module))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer
+        self.epochs.append(self._take(pl_module))
+
+
+def test_an_unknown_flow_stop_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="Unknown flow_stop 'each'"):
+        tiny_dadf(flow_stop="each")
+    with pytest.raises(ValueError, match="Unknown flow_stop 'each'"):
+        TimmFastflow(backbone="resnet18", pre_trained=False, flow_stop="each")

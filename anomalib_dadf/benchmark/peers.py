@@ -21,9 +21,9 @@ from torch import nn
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator, scale_indices
 from anomalib_dadf.components import flow_with_log_jacobian_map
 from anomalib_dadf.metrics import (
-    HeldOutFlowNll,
     HeldOutFlowStopMixin,
     check_flow_objective,
+    check_flow_stop,
     held_out_flow_stop,
     with_norm_log_jacobians,
 )
@@ -106,7 +106,8 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     """anomalib's :class:`~anomalib.models.Fastflow` with its CNN path on any timm CNN (see the module docstring).
 
     ``flow_patience`` ends training once the flows' likelihood of the validation split's normal images
-    (``held_out_flow_nll``, logged every epoch) has not improved for that many epochs, as DADF's does;
+    (``held_out_flow_nll``, logged every epoch) has not improved for that many epochs, as DADF's does
+    (``flow_stop="per_flow"``: each flow on its own likelihood, as DADF's ``flow_stop``);
     ``flow_objective`` is DADF's too (``"exact"`` counts the log-determinant of FastFlow's trainable norms).
     ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default;
     ``map_out_indices`` and ``score_out_indices`` (subsets of them, all by default) draw the anomaly map and give
@@ -122,6 +123,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         hidden_ratio: float = 1.0,
         anomaly_map: str = "probability",
         flow_patience: int | None = None,
+        flow_stop: str = "joint",
         flow_objective: str = "paper",
         out_indices: Sequence[int] = CNN_OUT_INDICES,
         map_out_indices: Sequence[int] | None = None,
@@ -131,6 +133,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ) -> None:
         if flow_patience is not None:
             held_out_flow_stop(flow_patience)  # refuses a patience that cannot work before any training
+        check_flow_stop(flow_stop)
         check_flow_objective(flow_objective, anomaly_map)
         super().__init__(
             backbone="resnet18",
@@ -154,7 +157,11 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             score_out_indices=score_out_indices,
             score_top_fraction=score_top_fraction,
         )
-        self.held_out_flow_nll = HeldOutFlowNll()
+        self.init_held_out_flow_nll(len(out_indices))
+
+    def flow_scales(self) -> list[nn.Module]:
+        """Each scale's FastFlow block with the norm in front of it, finest first: what the per-flow stop stops."""
+        return [nn.ModuleList(pair) for pair in zip(self.model.norms, self.model.fast_flow_blocks, strict=True)]
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """FastFlow's training step, with the norms' log-determinant in the loss for the exact objective."""
@@ -171,5 +178,5 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         del args, kwargs
         per_position = self.model.anomaly_map_generator.uses_log_jacobians
         latents, log_jacobians = self.model.flow(batch.image, per_position=per_position)
-        self.held_out_flow_nll.update(latents, log_jacobians, list(self.model.norms), batch.gt_label)
+        self.measure_held_out(latents, log_jacobians, list(self.model.norms), batch.gt_label)
         return batch.update(**self.model.score(latents, log_jacobians)._asdict())

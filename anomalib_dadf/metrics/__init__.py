@@ -4,10 +4,14 @@ defined metrics, a threshold at a false-positive rate, and the flows' likelihood
 from .evaluator import FieldAwareEvaluator
 from .held_out_nll import (
     FLOW_OBJECTIVES,
+    FLOW_STOPS,
     HELD_OUT_FLOW_NLL,
     HeldOutFlowNll,
     HeldOutFlowStopMixin,
+    PerFlowStop,
     check_flow_objective,
+    check_flow_stop,
+    held_out_flow_nll_key,
     held_out_flow_stop,
     with_norm_log_jacobians,
 )
@@ -17,6 +21,7 @@ from .threshold import FalsePositiveRateThreshold
 
 __all__ = [
     "FLOW_OBJECTIVES",
+    "FLOW_STOPS",
     "HELD_OUT_FLOW_NLL",
     "SPRO",
     "Defect",
@@ -24,7 +29,10 @@ __all__ = [
     "FieldAwareEvaluator",
     "HeldOutFlowNll",
     "HeldOutFlowStopMixin",
+    "PerFlowStop",
     "check_flow_objective",
+    "check_flow_stop",
+    "held_out_flow_nll_key",
     "held_out_flow_stop",
     "spro_auc",
     "with_norm_log_jacobians",

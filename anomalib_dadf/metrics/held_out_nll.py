@@ -21,15 +21,20 @@ Example:
     >>> metric.update(latents, log_jacobians, [norm], labels=torch.tensor([0, 1]))  # only the normal image counts
     >>> metric.compute().item()
     -0.5
+
+With ``flow_stop="per_flow"`` each flow instead stops on its own likelihood (:class:`PerFlowStop`): flows of
+different sizes (a fine map's and a coarse one's) stop improving at different epochs, and the sum is led by the
+largest.
 """
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
 from anomalib.data.utils import ValSplitMode
 from anomalib.models.image.fastflow.loss import FastflowLoss
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -47,6 +52,25 @@ FLOW_OBJECTIVES = ("paper", "exact")
 
 # An epoch that lowers the held-out NLL by less than this (nats per latent dimension) has not improved it.
 MIN_FLOW_IMPROVEMENT = 1e-3
+
+# "joint": stop every flow when their summed likelihood stalls; "per_flow": each flow on its own.
+FLOW_STOPS = ("joint", "per_flow")
+
+
+def held_out_flow_nll_key(scale: int) -> str:
+    """The logged name of one flow's held-out NLL (scales counted finest first, from 0)."""
+    return f"{HELD_OUT_FLOW_NLL}/{scale}"
+
+
+def check_flow_stop(flow_stop: str) -> None:
+    """Refuse an unknown flow stop.
+
+    Raises:
+        ValueError: ``flow_stop`` is not one of :data:`FLOW_STOPS`.
+    """
+    if flow_stop not in FLOW_STOPS:
+        msg = f"Unknown flow_stop '{flow_stop}': choose one of {list(FLOW_STOPS)}."
+        raise ValueError(msg)
 
 
 def check_flow_objective(objective: str, anomaly_map: str = "probability") -> None:
@@ -152,21 +176,119 @@ def held_out_flow_stop(patience: int) -> EarlyStopping:
     )
 
 
-class HeldOutFlowStopMixin:
-    """For a flow model's LightningModule: log its ``held_out_flow_nll`` metric after each validation, stop on it.
+class PerFlowStop(Callback):
+    """Stop each flow once its own held-out NLL has not improved for ``patience`` epochs; end training when all have.
 
-    The module keeps a :class:`HeldOutFlowNll` as ``held_out_flow_nll``, updates it in ``validation_step`` and
-    saves ``flow_patience`` (an ``int`` or ``None``) among its hyperparameters.
+    A stopped flow (with the norm in front of it) stops receiving gradients, so the optimizer leaves it as it
+    was, and the others train on. The module names its flows' parameters per scale with ``flow_scales()``
+    and logs each flow's NLL under :func:`held_out_flow_nll_key`; epochs that do not log them (DADF's stage 1)
+    are not counted. After the fit the stopped flows' parameters ask for gradients again, so the module is left
+    as it was found (parameters that never did, such as FrEIA's fixed permutations, stay as they are).
+
+    Example:
+        >>> stop = PerFlowStop(patience=3)
+        >>> stop.stopped  # each stopped flow's scale, and the epoch after which it stopped
+        {}
     """
 
+    def __init__(self, patience: int) -> None:
+        held_out_flow_stop(patience)  # the same refusal of a patience that cannot work
+        self.patience = patience
+        self.best: dict[int, float] = {}
+        self.waited: dict[int, int] = {}
+        self.stopped: dict[int, int] = {}
+        self._frozen: list[nn.Parameter] = []
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Count this epoch for every flow still training; stop those that stalled."""
+        if trainer.sanity_checking:
+            return
+        scales = pl_module.flow_scales()
+        values = [trainer.callback_metrics.get(held_out_flow_nll_key(scale)) for scale in range(len(scales))]
+        if any(value is None for value in values):
+            return
+        for scale, value in enumerate(float(value) for value in values):
+            if scale in self.stopped:
+                continue
+            if value < self.best.get(scale, math.inf) - MIN_FLOW_IMPROVEMENT:
+                self.best[scale], self.waited[scale] = value, 0
+                continue
+            self.waited[scale] = self.waited.get(scale, 0) + 1
+            if self.waited[scale] >= self.patience:
+                self.stopped[scale] = trainer.current_epoch
+                logger.info(
+                    "Flow %d of %d stops after epoch %d: its held-out NLL has not improved for %d epochs (best %.4f).",
+                    scale, len(scales), trainer.current_epoch, self.patience, self.best[scale],
+                )
+        self._freeze(scales)
+        trainer.should_stop = trainer.should_stop or len(self.stopped) == len(scales)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Keep the flows stopped before a resumed fit's checkpoint was written stopped."""
+        del trainer
+        self._freeze(pl_module.flow_scales())
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Let every stopped flow train again, as a later fit of the same module would expect."""
+        del trainer, pl_module
+        for parameter in self._frozen:
+            parameter.requires_grad_(True)
+        self._frozen = []
+
+    def _freeze(self, scales: Sequence[nn.Module]) -> None:
+        for scale in self.stopped:
+            trainable = [parameter for parameter in scales[scale].parameters() if parameter.requires_grad]
+            for parameter in trainable:
+                parameter.requires_grad_(False)
+            self._frozen.extend(trainable)
+
+    def state_dict(self) -> dict[str, object]:
+        """What a checkpoint keeps, so that a resumed fit stops where this one would have."""
+        return {"best": dict(self.best), "waited": dict(self.waited), "stopped": dict(self.stopped)}
+
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.best, self.waited = dict(state_dict["best"]), dict(state_dict["waited"])
+        self.stopped = dict(state_dict["stopped"])
+
+
+class HeldOutFlowStopMixin:
+    """For a flow model's LightningModule: log the flows' held-out NLL after each validation, stop on it.
+
+    The module calls :meth:`init_held_out_flow_nll` with its number of flows, :meth:`measure_held_out` in
+    ``validation_step``, implements ``flow_scales()`` (each flow's modules, with the norm in front of it,
+    finest first) and saves ``flow_patience`` (an ``int`` or ``None``) and ``flow_stop`` among its
+    hyperparameters.
+    """
+
+    def init_held_out_flow_nll(self, scales: int) -> None:
+        """The metrics of the flows' likelihood of held-out normal images: all together and each flow's."""
+        self.held_out_flow_nll = HeldOutFlowNll()
+        self.held_out_flow_nlls = nn.ModuleList(HeldOutFlowNll() for _ in range(scales))
+
+    def measure_held_out(
+        self,
+        latents: Sequence[torch.Tensor],
+        log_jacobians: Sequence[torch.Tensor],
+        norms: Sequence[nn.LayerNorm],
+        labels: torch.Tensor | None,
+    ) -> None:
+        """Add a validation batch's normal images to every flow's likelihood (see :meth:`HeldOutFlowNll.update`)."""
+        self.held_out_flow_nll.update(latents, log_jacobians, norms, labels)
+        for metric, *flow in zip(self.held_out_flow_nlls, latents, log_jacobians, norms, strict=True):
+            metric.update(*([part] for part in flow), labels)
+
     def on_validation_epoch_end(self) -> None:
-        """Log the likelihood of the normal validation images, when any were measured this epoch."""
+        """Log the likelihood of the normal validation images (all flows' and each one's), when any were measured."""
         if self.held_out_flow_nll.measured:
             self.log(HELD_OUT_FLOW_NLL, self.held_out_flow_nll.compute(), logger=True)
-        self.held_out_flow_nll.reset()
+            for scale, metric in enumerate(self.held_out_flow_nlls):
+                self.log(held_out_flow_nll_key(scale), metric.compute(), logger=True)
+        for metric in (self.held_out_flow_nll, *self.held_out_flow_nlls):
+            metric.reset()
 
     def configure_callbacks(self) -> list[Callback]:
-        """The module's other callbacks, and the stop when ``flow_patience`` is set.
+        """The module's other callbacks, and the stop (``flow_stop``'s kind) when ``flow_patience`` is set.
 
         A warning says so when a fit's data module takes its validation images from the test set.
         """
@@ -182,4 +304,6 @@ class HeldOutFlowStopMixin:
                 "val_split_mode to from_train or synthetic.",
                 ValSplitMode(split).value,
             )
-        return [*super().configure_callbacks(), held_out_flow_stop(patience)]
+        # Checkpoints from before the per-flow stop saved no flow_stop.
+        per_flow = self.hparams.get("flow_stop", "joint") == "per_flow"
+        return [*super().configure_callbacks(), PerFlowStop(patience) if per_flow else held_out_flow_stop(patience)]
