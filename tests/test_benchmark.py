@@ -244,6 +244,24 @@ def test_a_fit_only_run_tests_nothing_and_keeps_the_held_out_nll(mvtec_root: Pat
     assert row["epochs"] == 3
     assert row["held_out_flow_nll"] == pytest.approx(row["held_out_flow_nll"]), "a number, not NaN"
     assert not {"image_AUROC", "test_s", "ms_per_image"} & set(row)
+    assert "epochs_per_flow" not in row, "only a stop per flow trains its flows for different lengths"
+
+
+def test_a_row_says_how_long_each_flow_trained_under_a_stop_per_flow(mvtec_root: Path) -> None:
+    # Flows that cannot learn (learning rate 0) never improve: each stops after its second epoch.
+    arguments = {**TINY_MODEL, "flow_inputs": ["prior"], "flow_epochs": 5, "flow_patience": 1, "flow_lr": 0.0}
+    spec = next(DadfBenchmarkJobGenerator().generate_jobs({
+        "models": [{"name": "DADF", "class_path": "anomalib_dadf.Dadf", "init_args": {**arguments, "flow_stop": "per_flow"}}],
+        "data": [{
+            "name": "toy",
+            "class_path": "anomalib_dadf.data.MVTec",
+            "init_args": {"root": str(mvtec_root), "category": "widget", "num_workers": 0, "train_batch_size": 4},
+        }],
+        "input_size": [64, 64],
+        "fit_only": True,
+    })).spec
+    row = measure(spec)
+    assert (row["epochs"], row["epochs_per_flow"]) == (2, "2 2 2")
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "configs").glob("*.yaml")

@@ -27,11 +27,11 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pipelines.components.base import Job, JobGenerator
 from anomalib.pipelines.types import PREV_STAGE_RESULT
 from anomalib.pre_processing import PreProcessor
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_dadf.components import input_statistics
-from anomalib_dadf.metrics import HELD_OUT_FLOW_NLL, SPRO, FieldAwareEvaluator
+from anomalib_dadf.metrics import HELD_OUT_FLOW_NLL, SPRO, FieldAwareEvaluator, PerFlowStop
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,21 @@ def build(spec: dict[str, Any]) -> tuple[AnomalibDataModule, AnomalibModule, dic
     return datamodule, model, trainer_arguments
 
 
+def epochs_per_flow(trainer: Trainer) -> dict[str, str]:
+    """With a stop per flow, the epochs each flow trained (finest first, space-separated); else nothing."""
+    stop = next((callback for callback in trainer.callbacks if isinstance(callback, PerFlowStop)), None)
+    if stop is None:
+        return {}
+    flows = len(trainer.lightning_module.flow_scales())
+    epochs = [stop.stopped[flow] + 1 if flow in stop.stopped else trainer.current_epoch for flow in range(flows)]
+    return {"epochs_per_flow": " ".join(map(str, epochs))}
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Fit and test one model on one data set (with ``fit_only``, only fit it); meant to run in a fresh process.
 
-    A flow model's last logged likelihood of held-out normal images (``held_out_flow_nll``) is kept in the row.
+    A flow model's last logged likelihood of held-out normal images (``held_out_flow_nll``) is kept in the row, and
+    with a stop per flow the epochs each flow trained (``epochs_per_flow``).
     """
     seed_everything(spec["seed"])
     datamodule, model, trainer_arguments = build(spec)
@@ -120,6 +131,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             "train_images": len(datamodule.train_data),
             "epochs": engine.trainer.current_epoch,
             **({} if held_out is None else {HELD_OUT_FLOW_NLL: float(held_out)}),
+            **epochs_per_flow(engine.trainer),
         }
         if spec.get("fit_only"):
             return row
