@@ -225,22 +225,23 @@ def test_ranking_puts_the_lowest_first_for_metrics_where_lower_is_better() -> No
         ranking(summarise(results), ["held_out_flow_nll", "image_AUROC"])
 
 
-def test_a_fit_only_run_tests_nothing_and_keeps_the_held_out_nll(mvtec_root: Path) -> None:
+def fit_only_dadf(root: Path, **arguments: object) -> dict:
+    """The benchmark's row of a tiny DADF fitted (not tested) on the generated data set."""
     spec = next(DadfBenchmarkJobGenerator().generate_jobs({
-        "models": [{
-            "name": "DADF",
-            "class_path": "anomalib_dadf.Dadf",
-            "init_args": {**TINY_MODEL, "reconstruction_epochs": 1, "flow_epochs": 2},
-        }],
+        "models": [{"name": "DADF", "class_path": "anomalib_dadf.Dadf", "init_args": {**TINY_MODEL, **arguments}}],
         "data": [{
             "name": "toy",
             "class_path": "anomalib_dadf.data.MVTec",
-            "init_args": {"root": str(mvtec_root), "category": "widget", "num_workers": 0, "train_batch_size": 4},
+            "init_args": {"root": str(root), "category": "widget", "num_workers": 0, "train_batch_size": 4},
         }],
         "input_size": [64, 64],
         "fit_only": True,
     })).spec
-    row = measure(spec)
+    return measure(spec)
+
+
+def test_a_fit_only_run_tests_nothing_and_keeps_the_held_out_nll(mvtec_root: Path) -> None:
+    row = fit_only_dadf(mvtec_root, reconstruction_epochs=1, flow_epochs=2)
     assert row["epochs"] == 3
     assert row["held_out_flow_nll"] == pytest.approx(row["held_out_flow_nll"]), "a number, not NaN"
     assert not {"image_AUROC", "test_s", "ms_per_image"} & set(row)
@@ -249,18 +250,9 @@ def test_a_fit_only_run_tests_nothing_and_keeps_the_held_out_nll(mvtec_root: Pat
 
 def test_a_row_says_how_long_each_flow_trained_under_a_stop_per_flow(mvtec_root: Path) -> None:
     # Flows that cannot learn (learning rate 0) never improve: each stops after its second epoch.
-    arguments = {**TINY_MODEL, "flow_inputs": ["prior"], "flow_epochs": 5, "flow_patience": 1, "flow_lr": 0.0}
-    spec = next(DadfBenchmarkJobGenerator().generate_jobs({
-        "models": [{"name": "DADF", "class_path": "anomalib_dadf.Dadf", "init_args": {**arguments, "flow_stop": "per_flow"}}],
-        "data": [{
-            "name": "toy",
-            "class_path": "anomalib_dadf.data.MVTec",
-            "init_args": {"root": str(mvtec_root), "category": "widget", "num_workers": 0, "train_batch_size": 4},
-        }],
-        "input_size": [64, 64],
-        "fit_only": True,
-    })).spec
-    row = measure(spec)
+    row = fit_only_dadf(
+        mvtec_root, flow_inputs=["prior"], flow_epochs=5, flow_patience=1, flow_lr=0.0, flow_stop="per_flow",
+    )
     assert (row["epochs"], row["epochs_per_flow"]) == (2, "2 2 2")
 
 
