@@ -287,7 +287,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         self.init_held_out_flow_nll(len(layers))
         if flow_patience is not None:
             held_out_flow_stop(flow_patience)  # refuses a patience that cannot work before any training
-        check_flow_stop(flow_stop)
+        check_flow_stop(flow_stop, flow_patience)
         check_flow_objective(flow_objective, anomaly_map)
         # Two stages with two optimizers of different kinds: Lightning needs manual optimization for that.
         self.automatic_optimization = False

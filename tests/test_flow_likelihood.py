@@ -352,3 +352,14 @@ def test_an_unknown_flow_stop_fails_at_construction() -> None:
         tiny_dadf(flow_stop="each")
     with pytest.raises(ValueError, match="Unknown flow_stop 'each'"):
         TimmFastflow(backbone="resnet18", pre_trained=False, flow_stop="each")
+
+
+@pytest.mark.parametrize(("patience", "warned"), [(None, True), (5, False)])
+def test_a_stop_per_flow_without_patience_is_warned_about(
+    caplog: pytest.LogCaptureFixture, patience: int | None, warned: bool,
+) -> None:
+    tiny_dadf(flow_stop="per_flow", flow_patience=patience)
+    assert ("no flow will stop before the last epoch" in caplog.text) is warned
+    caplog.clear()
+    TimmFastflow(backbone="resnet18", pre_trained=False, flow_stop="per_flow", flow_patience=patience)
+    assert ("no flow will stop before the last epoch" in caplog.text) is warned

@@ -133,7 +133,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ) -> None:
         if flow_patience is not None:
             held_out_flow_stop(flow_patience)  # refuses a patience that cannot work before any training
-        check_flow_stop(flow_stop)
+        check_flow_stop(flow_stop, flow_patience)
         check_flow_objective(flow_objective, anomaly_map)
         super().__init__(
             backbone="resnet18",

@@ -62,8 +62,8 @@ def held_out_flow_nll_key(scale: int) -> str:
     return f"{HELD_OUT_FLOW_NLL}/{scale}"
 
 
-def check_flow_stop(flow_stop: str) -> None:
-    """Refuse an unknown flow stop.
+def check_flow_stop(flow_stop: str, patience: int | None) -> None:
+    """Refuse an unknown flow stop; warn when a stop per flow is asked for without the patience it needs.
 
     Raises:
         ValueError: ``flow_stop`` is not one of :data:`FLOW_STOPS`.
@@ -71,6 +71,11 @@ def check_flow_stop(flow_stop: str) -> None:
     if flow_stop not in FLOW_STOPS:
         msg = f"Unknown flow_stop '{flow_stop}': choose one of {list(FLOW_STOPS)}."
         raise ValueError(msg)
+    if flow_stop == "per_flow" and patience is None:
+        logger.warning(
+            "flow_stop 'per_flow' stops each flow after flow_patience epochs without improvement, and flow_patience "
+            "is not set, so no flow will stop before the last epoch: set flow_patience (for example 5).",
+        )
 
 
 def check_flow_objective(objective: str, anomaly_map: str = "probability") -> None:
