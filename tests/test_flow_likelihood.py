@@ -148,15 +148,21 @@ def test_a_flow_patience_or_objective_that_cannot_work_fails_at_construction() -
         TimmFastflow(backbone="resnet18", pre_trained=False, flow_patience=0)
 
 
+def assert_both_models_warn(caplog: pytest.LogCaptureFixture, warning: str, warned: bool, **arguments: object) -> None:
+    """DADF and the benchmark's FastFlow, built with ``arguments``, each log ``warning`` exactly when ``warned``."""
+    for build in (tiny_dadf, lambda **given: TimmFastflow(backbone="resnet18", pre_trained=False, **given)):
+        caplog.clear()
+        build(**arguments)
+        assert (warning in caplog.text) is warned
+
+
 @pytest.mark.parametrize(("objective", "warned"), [("paper", True), ("exact", False)])
 def test_the_density_map_on_the_papers_objective_is_warned_about(
     caplog: pytest.LogCaptureFixture, objective: str, warned: bool,
 ) -> None:
-    tiny_dadf(anomaly_map="density", flow_objective=objective)
-    assert ("would score a degenerate density" in caplog.text) is warned
-    caplog.clear()
-    TimmFastflow(backbone="resnet18", pre_trained=False, anomaly_map="density", flow_objective=objective)
-    assert ("would score a degenerate density" in caplog.text) is warned
+    assert_both_models_warn(
+        caplog, "would score a degenerate density", warned, anomaly_map="density", flow_objective=objective,
+    )
 
 
 def tiny_fastflow(**overrides: object) -> TimmFastflow:
@@ -358,8 +364,6 @@ def test_an_unknown_flow_stop_fails_at_construction() -> None:
 def test_a_stop_per_flow_without_patience_is_warned_about(
     caplog: pytest.LogCaptureFixture, patience: int | None, warned: bool,
 ) -> None:
-    tiny_dadf(flow_stop="per_flow", flow_patience=patience)
-    assert ("no flow will stop before the last epoch" in caplog.text) is warned
-    caplog.clear()
-    TimmFastflow(backbone="resnet18", pre_trained=False, flow_stop="per_flow", flow_patience=patience)
-    assert ("no flow will stop before the last epoch" in caplog.text) is warned
+    assert_both_models_warn(
+        caplog, "no flow will stop before the last epoch", warned, flow_stop="per_flow", flow_patience=patience,
+    )
