@@ -92,6 +92,7 @@ ARCHITECTURE = (
     "map_layers",
     "score_layers",
     "score_top_fraction",
+    "prior_pooling",
 )
 
 
@@ -148,6 +149,9 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         score_top_fraction (float | None): The image score is the mean of this share (in (0, 1]) of the score map's
             highest positions, as MSFlow scores with its top 10 %. Defaults to ``None``: the map's maximum, as the
             paper does.
+        prior_pooling (int): Average each prior map over this odd width of neighbourhood (stride 1, so the grid
+            stays) before the Transformer and the flows see it, so that a flow models a position's neighbourhood
+            as PatchCore's patch features do. Defaults to ``1``: no pooling, as the paper does.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
             is set. Defaults to ``200``.
         reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
@@ -204,9 +208,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
 
     Raises:
         ValueError: On a configuration that cannot work: unknown backbone or layers, fewer than three layers,
-            map or score layers outside ``layers``, a score top fraction outside (0, 1], an input size the
-            token grid cannot take, a stage without epochs, a held-out share outside (0, 1) for the stage-1
-            stop, a flow patience below 1, or an unknown flow objective or flow stop.
+            map or score layers outside ``layers``, a score top fraction outside (0, 1], a prior pooling width that
+            is not a positive odd number, an input size the token grid cannot take, a stage without epochs, a held-out
+            share outside (0, 1) for the stage-1 stop, a flow patience below 1, or an unknown flow objective or flow
+            stop.
     """
 
     def __init__(
@@ -228,6 +233,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         map_layers: Sequence[str] | None = None,
         score_layers: Sequence[str] | None = None,
         score_top_fraction: float | None = None,
+        prior_pooling: int = 1,
         reconstruction_epochs: int = 200,
         reconstruction_patience: int | None = None,
         reconstruction_holdout: float = 0.1,

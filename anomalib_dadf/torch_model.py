@@ -18,7 +18,7 @@ from anomalib.models.components import TimmFeatureExtractor
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, scale_indices
-from .components import DiscriminativeFlow, DualAttentionTransformer, describe_prior
+from .components import DiscriminativeFlow, DualAttentionTransformer, describe_prior, neighbourhood_pooling
 
 FLOW_VIEWS = ("prior", "local", "global")
 
@@ -48,10 +48,13 @@ class DadfModel(nn.Module):
         score_layers: The ``layers`` whose flows' map gives the image score; ``None`` (the paper's): all.
         score_top_fraction: The image score is the mean of this share of the score map's highest positions;
             ``None`` (the paper's): its maximum.
+        prior_pooling: Width of the neighbourhood each prior map is averaged over before anything reads it
+            (:func:`~anomalib_dadf.components.neighbourhood_pooling`); 1 (the paper's): none.
 
     Raises:
         ValueError: Unknown, repeated or no flow inputs, an unknown anomaly map, or map or score layers that are
-            not among ``layers``, or a top fraction outside (0, 1] (besides the prior's and the grid's errors).
+            not among ``layers``, a top fraction outside (0, 1], or a pooling width that is not a positive odd number
+            (besides the prior's and the grid's errors).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class DadfModel(nn.Module):
         map_layers: Sequence[str] | None = None,
         score_layers: Sequence[str] | None = None,
         score_top_fraction: float | None = None,
+        prior_pooling: int = 1,
     ) -> None:
         super().__init__()
         self.flow_inputs = tuple(flow_inputs)
@@ -88,6 +92,7 @@ class DadfModel(nn.Module):
             pre_trained=pre_trained,
         )
         self.feature_extractor.requires_grad_(False)
+        self.prior_pooling = neighbourhood_pooling(prior_pooling)
         self.transformer = DualAttentionTransformer(
             channels=scales.channels,
             patch_sizes=scales.patch_sizes,
@@ -130,7 +135,7 @@ class DadfModel(nn.Module):
                 "images to 3 channels, or build the model for this input size."
             )
             raise ValueError(msg)
-        return list(self.feature_extractor(images).values())
+        return [self.prior_pooling(prior) for prior in self.feature_extractor(images).values()]
 
     @property
     def uses_reconstructions(self) -> bool:

@@ -57,6 +57,19 @@ def test_fastflow_can_score_images_with_other_maps_than_it_draws_and_by_their_to
     assert torch.allclose(output.pred_score, score_map.topk(256 * 128, dim=-1).values.mean(dim=-1))
 
 
+def test_fastflow_can_model_the_pooled_backbone_maps() -> None:
+    model = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2, prior_pooling=3).eval()
+    assert model.hparams["prior_pooling"] == 3
+    images = torch.rand(1, 3, 256, 256)  # anomalib's default input size
+    with torch.no_grad():
+        features = model.model._get_cnn_features(images)
+        raw = model.model.feature_extractor(images)
+    pool = torch.nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+    expected = [norm(pool(feature)) for norm, feature in zip(model.model.norms, raw, strict=True)]
+    assert all(torch.allclose(got, want) for got, want in zip(features, expected, strict=True))
+    assert not torch.allclose(features[0], model.model.norms[0](raw[0]))
+
+
 def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:
     assert import_class("anomalib_dadf.Dadf").__name__ == "Dadf"
     with pytest.raises(ValueError, match=r"Cannot import 'anomalib\.models\.NoSuchModel'"):

@@ -10,6 +10,7 @@ from anomalib_dadf.components import (
     DualAttentionTransformer,
     describe_prior,
     flow_with_log_jacobian_map,
+    neighbourhood_pooling,
 )
 from anomalib_dadf.metrics import with_norm_log_jacobians
 from anomalib_dadf.torch_model import DadfModel
@@ -263,6 +264,33 @@ def test_the_score_can_be_the_mean_of_the_maps_top_share() -> None:
     for fraction in (0.0, 1.5):
         with pytest.raises(ValueError, match=rf"score_top_fraction must be in \(0, 1\].*got {fraction}"):
             DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, score_top_fraction=fraction)
+
+
+def test_neighbourhood_pooling_averages_the_neighbours_each_position_has() -> None:
+    features = torch.arange(16.0).reshape(1, 1, 4, 4)
+    pooled = neighbourhood_pooling(3)(features)
+    assert pooled.shape == features.shape, "the grid stays"
+    assert pooled[0, 0, 1, 1] == features[0, 0, :3, :3].mean(), "an interior position: its 3 x 3 neighbourhood"
+    assert pooled[0, 0, 0, 0] == features[0, 0, :2, :2].mean(), "a corner: its four, not nine with zero padding"
+    assert torch.equal(neighbourhood_pooling(1)(features), features)
+    for size in (0, 2, -3):
+        with pytest.raises(ValueError, match=rf"prior_pooling must be a positive odd neighbourhood width.*got {size}"):
+            neighbourhood_pooling(size)
+
+
+def test_the_flows_and_the_transformer_see_the_pooled_prior() -> None:
+    torch.manual_seed(0)
+    model = DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, embed_dim=8, depth=1, num_heads=2,
+                      flow_steps=2, prior_pooling=3).eval()
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        raw = list(model.feature_extractor(images).values())
+        priors = model.extract_priors(images)
+    pool = neighbourhood_pooling(3)
+    assert all(torch.equal(prior, pool(feature)) for prior, feature in zip(priors, raw, strict=True))
+    assert not torch.equal(priors[0], raw[0])
+    with pytest.raises(ValueError, match="prior_pooling must be a positive odd"):
+        DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, prior_pooling=2)
 
 
 @pytest.mark.parametrize("argument", ["map_layers", "score_layers"])

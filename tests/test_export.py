@@ -94,19 +94,24 @@ def test_exported_model_matches_the_lightning_model(trained, export_type: Export
         assert runs_at_f32(exported)
 
 
-def test_the_density_map_and_a_score_of_its_own_export_with_parity(trained, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{"score_layers": ["layer2", "layer3"], "score_top_fraction": 0.1}, {"prior_pooling": 3}],
+    ids=["own-score", "pooled-prior"],
+)
+def test_the_density_map_exports_with_parity_with_its_own_score_or_a_pooled_prior(trained, monkeypatch, options, tmp_path) -> None:
     # Its per-position log-determinants are read with forward hooks, which the traced export must keep; the
-    # score's own layers and top share are ops of the exported graph too.
+    # score's own layers and top share, and the prior's pooling without its padding, are ops of the graph too.
     monkeypatch.chdir(trained.work)
     seed_everything(0)
     model = Dadf(
         **TINY_MODEL, flow_epochs=3, flow_inputs=["prior"], flow_objective="exact", anomaly_map="density",
-        score_layers=["layer2", "layer3"], score_top_fraction=0.1, pre_processor=small_pre_processor(),
+        pre_processor=small_pre_processor(), **options,
     )
-    engine = Engine(default_root_dir=trained.work / "density", accelerator="cpu", devices=1)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1)
     engine.fit(model=model, datamodule=trained.datamodule)
     model.eval()
-    exported = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=trained.work / "density")
+    exported = engine.export(model=model, export_type=ExportType.OPENVINO, export_root=tmp_path)
     expected = lightning_predictions(model, trained.images)
     assert np.ptp(expected["pred_score"]) > 0
     result = compare(expected, exported_predictions(exported, trained.images, F32))

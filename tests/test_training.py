@@ -192,7 +192,7 @@ def test_testing_a_checkpoint_with_other_model_arguments_uses_the_checkpoints(mv
     (trained,) = engine.test(model=tiny_dadf(), datamodule=datamodule(mvtec_root), ckpt_path=checkpoint)
 
     other = tiny_dadf(embed_dim=32, depth=2, flow_steps=4, flow_subnet="conv", anomaly_map="log_likelihood",
-                      score_layers=["layer3"], score_top_fraction=0.5)
+                      score_layers=["layer3"], score_top_fraction=0.5, prior_pooling=3)
     (tested,) = Engine(default_root_dir=tmp_path / "other", accelerator="cpu", devices=1).test(
         model=other, datamodule=datamodule(mvtec_root), ckpt_path=checkpoint,
     )
@@ -200,6 +200,7 @@ def test_testing_a_checkpoint_with_other_model_arguments_uses_the_checkpoints(mv
     assert other.model.anomaly_map_generator.kind == "probability", "thresholds were set on the checkpoint's map"
     assert other.model.anomaly_map_generator.score_scales is None, "and on the checkpoint's scores"
     assert other.model.anomaly_map_generator.score_positions is None
+    assert isinstance(other.model.prior_pooling, torch.nn.Identity), "and on the checkpoint's (unpooled) prior"
     assert tested["image_AUROC"] == pytest.approx(trained["image_AUROC"])
 
 

@@ -4,8 +4,9 @@ anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path 
 ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is generic. ``TimmFastflow`` routes another
 timm CNN through exactly that path; the benchmark table names the model ``TimmFastflow`` wherever it does so. It
 also takes DADF's choice of anomaly map, DADF's stop on the flows' likelihood of held-out normal images, its choice
-of flow objective and (``out_indices``) other maps of the backbone, with the map and the image score from their own
-maps if wished, so that what DADF is tuned over is open to FastFlow too.
+of flow objective, its neighbourhood pooling of the backbone's maps and (``out_indices``) other maps of the
+backbone, with the map and the image score from their own maps if wished, so that what DADF is tuned over is open
+to FastFlow too.
 """
 
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator, scale_indices
-from anomalib_dadf.components import flow_with_log_jacobian_map
+from anomalib_dadf.components import flow_with_log_jacobian_map, neighbourhood_pooling
 from anomalib_dadf.metrics import (
     HeldOutFlowStopMixin,
     check_flow_objective,
@@ -47,6 +48,7 @@ class TimmCnnFastflowModel(FastflowModel):
         map_out_indices: Sequence[int] | None = None,
         score_out_indices: Sequence[int] | None = None,
         score_top_fraction: float | None = None,
+        prior_pooling: int = 1,
     ) -> None:
         # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
         super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
@@ -56,6 +58,7 @@ class TimmCnnFastflowModel(FastflowModel):
             features_only=True,
             out_indices=list(out_indices),
         ).requires_grad_(False)
+        self.prior_pooling = neighbourhood_pooling(prior_pooling)
         shapes = [
             [channels, input_size[0] // scale, input_size[1] // scale]
             for channels, scale in zip(
@@ -81,6 +84,11 @@ class TimmCnnFastflowModel(FastflowModel):
             score_scales=scale_indices(score_out_indices, out_indices, "score_out_indices"),
             score_top_fraction=score_top_fraction,
         )
+
+    def _get_cnn_features(self, input_tensor: torch.Tensor) -> list[torch.Tensor]:
+        """FastFlow's normalised CNN features, each map averaged over its neighbourhoods first (``prior_pooling``)."""
+        features = (self.prior_pooling(feature) for feature in self.feature_extractor(input_tensor))
+        return [norm(feature) for norm, feature in zip(self.norms, features, strict=True)]
 
     def flow(self, images: torch.Tensor, per_position: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """FastFlow's latents and log-determinants (of the flows, not the norms), per image or per position."""
@@ -111,7 +119,8 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ``flow_objective`` is DADF's too (``"exact"`` counts the log-determinant of FastFlow's trainable norms).
     ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default;
     ``map_out_indices`` and ``score_out_indices`` (subsets of them, all by default) draw the anomaly map and give
-    the image score, as DADF's ``map_layers`` and ``score_layers`` do; ``score_top_fraction`` is DADF's too.
+    the image score, as DADF's ``map_layers`` and ``score_layers`` do; ``score_top_fraction`` and
+    ``prior_pooling`` are DADF's too.
     """
 
     def __init__(
@@ -129,6 +138,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         map_out_indices: Sequence[int] | None = None,
         score_out_indices: Sequence[int] | None = None,
         score_top_fraction: float | None = None,
+        prior_pooling: int = 1,
         **kwargs,
     ) -> None:
         if flow_patience is not None:
@@ -156,6 +166,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             map_out_indices=map_out_indices,
             score_out_indices=score_out_indices,
             score_top_fraction=score_top_fraction,
+            prior_pooling=prior_pooling,
         )
         self.init_held_out_flow_nll(len(out_indices))
 

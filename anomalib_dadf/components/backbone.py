@@ -125,6 +125,31 @@ def describe_prior(backbone: str, layers: Sequence[str]) -> PriorScales:
     return PriorScales(indices=indices, channels=channels, strides=strides)
 
 
+def neighbourhood_pooling(size: int) -> nn.Module:
+    """Average every feature map over a ``size`` x ``size`` neighbourhood of each position, keeping the grid.
+
+    PatchCore scores such averages ("locally aware patch features", ``size`` 3); a flow on them models a
+    position's neighbourhood rather than the position alone. Padding is left out of the average, so a border
+    position is the mean of the neighbours it has instead of being shrunk towards zero.
+
+    Args:
+        size: Odd neighbourhood width; 1 leaves the maps as they are.
+
+    Raises:
+        ValueError: ``size`` is not a positive odd number.
+
+    Example:
+        >>> import torch
+        >>> pool = neighbourhood_pooling(3)
+        >>> pool(torch.ones(1, 2, 4, 4)).shape, bool(pool(torch.ones(1, 2, 4, 4)).eq(1).all())
+        (torch.Size([1, 2, 4, 4]), True)
+    """
+    if size < 1 or size % 2 == 0:
+        msg = f"prior_pooling must be a positive odd neighbourhood width (1 for none, 3 as PatchCore's), got {size}."
+        raise ValueError(msg)
+    return nn.Identity() if size == 1 else nn.AvgPool2d(size, stride=1, padding=size // 2, count_include_pad=False)
+
+
 IMAGENET_STATISTICS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
