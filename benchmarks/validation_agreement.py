@@ -5,7 +5,8 @@ Reads rows that earlier runs wrote (nothing is trained): for every flow setting 
 stop, cap 150) that has both a validation row on that set and test rows on ELPV mono, the mean image AUROC of
 three seeds on each, and the score its study ranked it by (the mean of image and pixel AUROC over seeds and then
 over the study's three validation sets). Writes a table and the Spearman rank correlations with the test column,
-for DADF, FastFlow and both together.
+for DADF, FastFlow and both together. Where ``configs/tuning_uncertain_cells_exact.yaml`` has run, the settings'
+image AUROC on ELPV mono's uncertain cells (the proposed validation protocol; one seed) is a column too.
 
     python benchmarks/validation_agreement.py   # writes benchmarks/results/validation_agreement.md
 """
@@ -18,6 +19,8 @@ import pandas as pd
 RESULTS = Path(__file__).resolve().parent / "results"
 VALIDATION_SET = "ELPV mono, cracks 10-20 %"
 TEST_SET = "ELPV mono"
+# Rows named after the settings below.
+UNCERTAIN_RUN, UNCERTAIN_SET = "tuning_uncertain_cells_exact", "ELPV mono, uncertain cells (validation set)"
 
 # setting: (family, (validation study, its row), (test run, its row))
 SETTINGS = {
@@ -81,14 +84,26 @@ def rule_score(study: str, model: str) -> float:
     return float(((rows["image_AUROC"] + rows["pixel_AUROC"]) / 2).groupby(rows["data"]).mean().mean())
 
 
+def uncertain_cells() -> dict[str, float]:
+    """Each setting's image AUROC on the uncertain cells, for the settings that have run there."""
+    path = RESULTS / UNCERTAIN_RUN / "results.csv"
+    if not path.is_file():
+        return {}
+    rows = pd.read_csv(path)
+    return rows[rows["data"] == UNCERTAIN_SET].groupby("model")["image_AUROC"].mean().to_dict()
+
+
 def agreement() -> pd.DataFrame:
-    """One row per setting: family, validation image AUROC, its study's score, test image AUROC, the seeds."""
+    """One row per setting: family, validation image AUROC, its study's score, the uncertain cells' image AUROC
+    (NaN where not run), test image AUROC, the seeds."""
+    uncertain = uncertain_cells()
     rows = []
     for setting, (family, (study, validated), (run, tested)) in SETTINGS.items():
         validation, validation_seeds = image_auroc(study, validated, VALIDATION_SET)
         test, test_seeds = image_auroc(run, tested, TEST_SET)
         rows.append({"family": family, "setting": setting, "validation": validation,
-                     "rule": rule_score(study, validated), "test": test, "seeds": f"{validation_seeds} / {test_seeds}"})
+                     "rule": rule_score(study, validated), "uncertain": uncertain.get(setting, float("nan")),
+                     "test": test, "seeds": f"{validation_seeds} / {test_seeds}"})
     return pd.DataFrame(rows)
 
 
@@ -100,21 +115,25 @@ def report(table: pd.DataFrame) -> str:
         f"Image AUROC, mean of the seeds: validation = '{VALIDATION_SET}' (drawn cracks on held-out training cells),",
         f"test = '{TEST_SET}' (real cells). Rows are read from `benchmarks/results/<run>/results.csv`; nothing is trained.",
         "",
-        "| family | setting | validation | study's score | test | seeds (validation / test) |",
-        "|---|---|---|---|---|---|",
+        "| family | setting | validation | study's score | uncertain cells (1 seed) | test | seeds (validation / test) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in table.sort_values(["family", "validation"], ascending=[True, False]).itertuples():
         lines.append(
-            f"| {row.family} | {row.setting} | {row.validation:.3f} | {row.rule:.3f} | {row.test:.3f} | {row.seeds} |",
+            f"| {row.family} | {row.setting} | {row.validation:.3f} | {row.rule:.3f} | {row.uncertain:.3f} "
+            f"| {row.test:.3f} | {row.seeds} |",
         )
     lines += [
         "",
-        "| settings | n | Spearman (validation, test) | Spearman (study's score, test) |",
-        "|---|---|---|---|",
+        "| settings | n | Spearman (validation, test) | Spearman (study's score, test) | n, Spearman (uncertain cells, test) |",
+        "|---|---|---|---|---|",
     ]
     for name, part in [*table.groupby("family"), ("both", table)]:
-        by_set, by_rule = (part[column].corr(part["test"], method="spearman") for column in ("validation", "rule"))
-        lines.append(f"| {name} | {len(part)} | {by_set:+.2f} | {by_rule:+.2f} |")
+        by_set, by_rule, by_cells = (
+            part[column].corr(part["test"], method="spearman") for column in ("validation", "rule", "uncertain")
+        )
+        cells = part["uncertain"].notna().sum()
+        lines.append(f"| {name} | {len(part)} | {by_set:+.2f} | {by_rule:+.2f} | {cells}, {by_cells:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
