@@ -107,6 +107,11 @@ def agreement() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def number(value: float, form: str) -> str:
+    """A value as ``form`` formats it, or a dash where there is none (a setting not run on the uncertain cells)."""
+    return "-" if pd.isna(value) else format(value, form)
+
+
 def report(table: pd.DataFrame) -> str:
     """The table and the rank correlations, as Markdown."""
     lines = [
@@ -120,7 +125,7 @@ def report(table: pd.DataFrame) -> str:
     ]
     for row in table.sort_values(["family", "validation"], ascending=[True, False]).itertuples():
         lines.append(
-            f"| {row.family} | {row.setting} | {row.validation:.3f} | {row.rule:.3f} | {row.uncertain:.3f} "
+            f"| {row.family} | {row.setting} | {row.validation:.3f} | {row.rule:.3f} | {number(row.uncertain, '.3f')} "
             f"| {row.test:.3f} | {row.seeds} |",
         )
     lines += [
@@ -133,7 +138,7 @@ def report(table: pd.DataFrame) -> str:
             part[column].corr(part["test"], method="spearman") for column in ("validation", "rule", "uncertain")
         )
         cells = part["uncertain"].notna().sum()
-        lines.append(f"| {name} | {len(part)} | {by_set:+.2f} | {by_rule:+.2f} | {cells}, {by_cells:+.2f} |")
+        lines.append(f"| {name} | {len(part)} | {by_set:+.2f} | {by_rule:+.2f} | {cells}, {number(by_cells, '+.2f')} |")
     return "\n".join(lines) + "\n"
 
 
