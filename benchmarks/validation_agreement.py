@@ -12,6 +12,7 @@ image AUROC on ELPV mono's uncertain cells (the proposed validation protocol; on
 """
 
 import argparse
+from functools import cache
 from pathlib import Path
 
 import pandas as pd
@@ -67,9 +68,15 @@ SETTINGS = {
 }
 
 
+@cache
+def results(run: str) -> pd.DataFrame:
+    """A run's rows, read once however many settings draw on it."""
+    return pd.read_csv(RESULTS / run / "results.csv")
+
+
 def image_auroc(run: str, model: str, data: str) -> tuple[float, int]:
     """Mean image AUROC of one model's rows on one data set of a run, and how many seeds it averages."""
-    rows = pd.read_csv(RESULTS / run / "results.csv")
+    rows = results(run)
     rows = rows[(rows["model"] == model) & (rows["data"] == data)]
     if rows.empty:
         msg = f"No rows of '{model}' on '{data}' in {RESULTS / run / 'results.csv'}."
@@ -79,17 +86,16 @@ def image_auroc(run: str, model: str, data: str) -> tuple[float, int]:
 
 def rule_score(study: str, model: str) -> float:
     """The studies' ranking score: image and pixel AUROC averaged, over the seeds, then over the validation sets."""
-    rows = pd.read_csv(RESULTS / study / "results.csv")
+    rows = results(study)
     rows = rows[rows["model"] == model]
     return float(((rows["image_AUROC"] + rows["pixel_AUROC"]) / 2).groupby(rows["data"]).mean().mean())
 
 
 def uncertain_cells() -> dict[str, float]:
     """Each setting's image AUROC on the uncertain cells, for the settings that have run there."""
-    path = RESULTS / UNCERTAIN_RUN / "results.csv"
-    if not path.is_file():
+    if not (RESULTS / UNCERTAIN_RUN / "results.csv").is_file():
         return {}
-    rows = pd.read_csv(path)
+    rows = results(UNCERTAIN_RUN)
     return rows[rows["data"] == UNCERTAIN_SET].groupby("model")["image_AUROC"].mean().to_dict()
 
 
