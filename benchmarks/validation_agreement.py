@@ -51,6 +51,12 @@ SETTINGS = {
         "DADF", ("tuning_views_strides", "DADF, strides 8-32, prior + local"),
         ("ablation_exact", "DADF, strides 8-32, prior + local"),
     ),
+    "strides 8-32, Lite1 prior": (
+        "DADF", ("tuning_prior_backbone", "DADF, Lite1 prior"), ("ablation_exact", "DADF, strides 8-32, Lite1 prior"),
+    ),
+    "strides 8-32, Lite2 prior": (
+        "DADF", ("tuning_prior_backbone", "DADF, Lite2 prior"), ("ablation_exact", "DADF, strides 8-32, Lite2 prior"),
+    ),
     "map from strides 4-16, score from 8-32": (
         "DADF", ("tuning_score_layers", "DADF, map 4-16, score 8-32"), ("ablation_exact", "DADF, map 4-16, score 8-32"),
     ),
