@@ -87,6 +87,7 @@ ARCHITECTURE = (
     "flow_clamp",
     "flow_hidden_ratio",
     "flow_subnet",
+    "flow_positions",
     "flow_inputs",
     "anomaly_map",
     "map_layers",
@@ -135,6 +136,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         flow_hidden_ratio (int): Channel multiplier of the coupling subnets' hidden layer. Defaults to ``1``.
         flow_subnet (str): Coupling subnets: ``"depthwise"`` (DADF's depthwise + pointwise convolutions)
             or ``"conv"`` (FastFlow's two full convolutions, more capacity). Defaults to ``"depthwise"``.
+        flow_positions (int): Width (0 or a multiple of 4) of a fixed 2-D sin-cos encoding of each position that
+            every coupling's subnet also reads, as CFLOW conditions its flows: on aligned parts (cells, boards) a
+            position's normal look depends on where it is, which the flows on the prior alone cannot tell, the
+            Transformer's positional embedding being out of their path. Defaults to ``0``: none, as the paper does.
         flow_inputs (Sequence[str]): Views the flows see; DADF uses ``("prior", "local", "global")``
             (the default), a subset in that order is an ablation. With ``("prior",)`` nothing scores through
             the Transformer, so stage 1 is skipped and ``reconstruction_epochs`` is not used.
@@ -228,6 +233,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         flow_clamp: float = 2.0,
         flow_hidden_ratio: int = 1,
         flow_subnet: str = "depthwise",
+        flow_positions: int = 0,
         flow_inputs: Sequence[str] = ("prior", "local", "global"),
         anomaly_map: str = "probability",
         map_layers: Sequence[str] | None = None,

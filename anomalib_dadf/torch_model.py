@@ -40,6 +40,8 @@ class DadfModel(nn.Module):
         flow_clamp: Affine clamping of the couplings.
         flow_hidden_ratio: Channel multiplier of the coupling subnets' hidden layer.
         flow_subnet: Coupling subnets: ``"depthwise"`` (DADF's) or ``"conv"`` (FastFlow's full convolutions).
+        flow_positions: Width of a fixed sin-cos encoding of each position that the couplings also see
+            (:class:`~anomalib_dadf.components.PositionalFlow`); 0 (the paper's): none.
         flow_inputs: Views the flows see, a subset of ``("prior", "local", "global")`` in that order;
             DADF uses all three, fewer are ablations; with the prior alone the Transformer is never run.
         anomaly_map: ``"probability"`` (the paper's negative-probability map), ``"log_likelihood"`` or
@@ -53,8 +55,8 @@ class DadfModel(nn.Module):
 
     Raises:
         ValueError: Unknown, repeated or no flow inputs, an unknown anomaly map, or map or score layers that are
-            not among ``layers``, a top fraction outside (0, 1], or a pooling width that is not a positive odd number
-            (besides the prior's and the grid's errors).
+            not among ``layers``, a top fraction outside (0, 1], a pooling width that is not a positive odd number, or a
+            positional width that is not 0 or a positive multiple of 4 (besides the prior's and the grid's errors).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class DadfModel(nn.Module):
         flow_clamp: float = 2.0,
         flow_hidden_ratio: int = 1,
         flow_subnet: str = "depthwise",
+        flow_positions: int = 0,
         flow_inputs: Sequence[str] = FLOW_VIEWS,
         anomaly_map: str = "probability",
         map_layers: Sequence[str] | None = None,
@@ -110,6 +113,7 @@ class DadfModel(nn.Module):
                 clamp=flow_clamp,
                 hidden_ratio=flow_hidden_ratio,
                 subnet=flow_subnet,
+                position_channels=flow_positions,
             )
             for shape in scales.feature_shapes(self.input_size)
         )

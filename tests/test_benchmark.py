@@ -70,6 +70,21 @@ def test_fastflow_can_model_the_pooled_backbone_maps() -> None:
     assert not torch.allclose(features[0], model.model.norms[0](raw[0]))
 
 
+def test_fastflow_can_condition_its_couplings_on_the_positions() -> None:
+    model = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2, flow_positions=8).eval()
+    plain = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2).eval()
+    assert model.hparams["flow_positions"] == 8
+    for block, plain_block in zip(model.model.fast_flow_blocks, plain.model.fast_flow_blocks, strict=True):
+        assert block.positions.shape[1] == 8
+        subnets = [step.subnet[0] for step in block.module_list]
+        assert [conv.kernel_size for conv in subnets] == [conv.kernel_size for conv in (
+            step.subnet[0] for step in plain_block.module_list)], "FastFlow's kernels, 3 then 1"
+        assert [conv.in_channels for conv in subnets] == [step.subnet[0].in_channels + 8 for step in plain_block.module_list]
+    with torch.no_grad():
+        output = model.model(torch.rand(2, 3, 256, 256))
+    assert output.anomaly_map.shape == (2, 1, 256, 256)
+
+
 def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:
     assert import_class("anomalib_dadf.Dadf").__name__ == "Dadf"
     with pytest.raises(ValueError, match=r"Cannot import 'anomalib\.models\.NoSuchModel'"):

@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+from anomalib.models.image.fastflow.torch_model import create_fast_flow_block, subnet_conv_func
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator
 from anomalib_dadf.components import (
     DiscriminativeFlow,
     DualAttention,
     DualAttentionTransformer,
+    PositionalFlow,
     describe_prior,
     flow_with_log_jacobian_map,
     neighbourhood_pooling,
@@ -173,6 +175,57 @@ def test_flow_subnets_are_depthwise_or_full_convolutions(subnet: str, grouped: b
     assert [conv.kernel_size for conv in first_convs] == [(3, 3), (1, 1), (3, 3), (1, 1)]
     assert all((conv.groups == conv.in_channels) is grouped for conv in first_convs)
     assert all(conv.out_channels == 2 * conv.in_channels for conv in first_convs)
+
+
+def test_without_positions_the_flow_is_anomalibs_fastflow_block() -> None:
+    # Same seed, same parameters and keys: rows and checkpoints from before the option are the same flows.
+    torch.manual_seed(0)
+    ours = PositionalFlow((4, 6, 6), 4, lambda step: subnet_conv_func(1 if step % 2 else 3, 1.0))
+    torch.manual_seed(0)
+    anomalibs = create_fast_flow_block([4, 6, 6], conv3x3_only=False, hidden_ratio=1.0, flow_steps=4)
+    assert ours.state_dict().keys() == anomalibs.state_dict().keys()
+    assert all(torch.equal(ours.state_dict()[key], value) for key, value in anomalibs.state_dict().items())
+
+
+def test_positions_make_the_same_feature_score_by_where_it_lies() -> None:
+    torch.manual_seed(0)
+    # 1 x 1 subnets, so that without positions nothing but the feature itself reaches a position's latent.
+    plain = PositionalFlow((4, 5, 5), 2, lambda step: subnet_conv_func(1, 1.0)).eval()
+    placed = PositionalFlow((4, 5, 5), 2, lambda step: subnet_conv_func(1, 1.0), position_channels=8).eval()
+    for flow in (plain, placed):
+        with torch.no_grad():
+            for parameter in (parameter for parameter in flow.parameters() if parameter.requires_grad):
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    uniform = torch.randn(1, 4, 1, 1).expand(2, 4, 5, 5)
+    with torch.no_grad():
+        plain_latent, _ = plain(uniform)
+        placed_latent, _ = placed(uniform)
+        recovered, _ = placed(placed_latent, rev=True)
+    assert torch.allclose(plain_latent, plain_latent[..., :1, :1].expand_as(plain_latent), atol=1e-6)
+    assert (placed_latent - placed_latent[..., :1, :1]).abs().amax() > 1e-2
+    assert torch.allclose(recovered, uniform, atol=1e-5), "still invertible, given the same positions"
+    assert placed.positions.shape == (1, 8, 5, 5)
+    assert [block.subnet[0].in_channels for block in placed.module_list] == [2 + 8, 2 + 8]
+    assert "positions" not in placed.state_dict(), "rebuilt from the shape, not saved"
+
+
+def test_positional_flows_reach_every_scale_and_keep_their_log_determinant_per_position() -> None:
+    torch.manual_seed(0)
+    model = DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, embed_dim=8, depth=1, num_heads=2,
+                      flow_steps=2, flow_inputs=["prior"], flow_positions=4).eval()
+    priors = model.extract_priors(torch.rand(2, 3, 64, 64))
+    with torch.no_grad():
+        _, per_image = model.flow(priors)
+        _, per_position = model.flow(priors, per_position=True)
+    assert [flow.flow.positions.shape[1:] for flow in model.flows] == [(4, 16, 16), (4, 8, 8), (4, 4, 4)]
+    assert all(torch.allclose(whole, parts.sum(dim=(1, 2)), atol=1e-4)
+               for whole, parts in zip(per_image, per_position, strict=True))
+
+
+@pytest.mark.parametrize("channels", [-4, 6])
+def test_a_positional_width_timm_cannot_encode_is_named(channels: int) -> None:
+    with pytest.raises(ValueError, match=rf"flow_positions must be 0 .* or a positive multiple of 4.*got {channels}"):
+        DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, flow_positions=channels)
 
 
 def test_unknown_flow_subnet_is_named() -> None:

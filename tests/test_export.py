@@ -96,12 +96,13 @@ def test_exported_model_matches_the_lightning_model(trained, export_type: Export
 
 @pytest.mark.parametrize(
     "options",
-    [{"score_layers": ["layer2", "layer3"], "score_top_fraction": 0.1}, {"prior_pooling": 3}],
-    ids=["own-score", "pooled-prior"],
+    [{"score_layers": ["layer2", "layer3"], "score_top_fraction": 0.1}, {"prior_pooling": 3}, {"flow_positions": 4}],
+    ids=["own-score", "pooled-prior", "positional-flows"],
 )
 def test_the_density_map_exports_with_parity_with_its_own_score_or_a_pooled_prior(trained, monkeypatch, options, tmp_path) -> None:
     # Its per-position log-determinants are read with forward hooks, which the traced export must keep; the
-    # score's own layers and top share, and the prior's pooling without its padding, are ops of the graph too.
+    # score's own layers and top share, the prior's pooling without its padding, and the flows' positions (a buffer
+    # that is not saved) are ops of the graph too.
     monkeypatch.chdir(trained.work)
     seed_everything(0)
     model = Dadf(

@@ -4,9 +4,9 @@ anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path 
 ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is generic. ``TimmFastflow`` routes another
 timm CNN through exactly that path; the benchmark table names the model ``TimmFastflow`` wherever it does so. It
 also takes DADF's choice of anomaly map, DADF's stop on the flows' likelihood of held-out normal images, its choice
-of flow objective, its neighbourhood pooling of the backbone's maps and (``out_indices``) other maps of the
-backbone, with the map and the image score from their own maps if wished, so that what DADF is tuned over is open
-to FastFlow too.
+of flow objective, its neighbourhood pooling of the backbone's maps, its positional condition of the couplings and
+(``out_indices``) other maps of the backbone, with the map and the image score from their own maps if wished, so
+that what DADF is tuned over is open to FastFlow too.
 """
 
 from collections.abc import Sequence
@@ -15,12 +15,12 @@ import timm
 import torch
 from anomalib.data import Batch, InferenceBatch
 from anomalib.models import Fastflow
-from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
+from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block, subnet_conv_func
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator, scale_indices
-from anomalib_dadf.components import flow_with_log_jacobian_map, neighbourhood_pooling
+from anomalib_dadf.components import PositionalFlow, flow_with_log_jacobian_map, neighbourhood_pooling
 from anomalib_dadf.metrics import (
     HeldOutFlowStopMixin,
     check_flow_objective,
@@ -49,6 +49,7 @@ class TimmCnnFastflowModel(FastflowModel):
         score_out_indices: Sequence[int] | None = None,
         score_top_fraction: float | None = None,
         prior_pooling: int = 1,
+        flow_positions: int = 0,
     ) -> None:
         # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
         super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
@@ -69,7 +70,15 @@ class TimmCnnFastflowModel(FastflowModel):
         ]
         self.norms = nn.ModuleList(nn.LayerNorm(shape, elementwise_affine=True) for shape in shapes)
         self.fast_flow_blocks = nn.ModuleList(
-            create_fast_flow_block(
+            PositionalFlow(
+                tuple(shape),
+                flow_steps,
+                # anomalib's FastFlow block, its kernels alternating 3 and 1 unless conv3x3_only.
+                lambda step: subnet_conv_func(1 if step % 2 and not conv3x3_only else 3, hidden_ratio),
+                position_channels=flow_positions,
+            )
+            if flow_positions
+            else create_fast_flow_block(
                 input_dimensions=shape,
                 conv3x3_only=conv3x3_only,
                 hidden_ratio=hidden_ratio,
@@ -119,8 +128,8 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ``flow_objective`` is DADF's too (``"exact"`` counts the log-determinant of FastFlow's trainable norms).
     ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default;
     ``map_out_indices`` and ``score_out_indices`` (subsets of them, all by default) draw the anomaly map and give
-    the image score, as DADF's ``map_layers`` and ``score_layers`` do; ``score_top_fraction`` and
-    ``prior_pooling`` are DADF's too.
+    the image score, as DADF's ``map_layers`` and ``score_layers`` do; ``score_top_fraction``, ``prior_pooling`` and
+    ``flow_positions`` are DADF's too.
     """
 
     def __init__(
@@ -139,6 +148,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         score_out_indices: Sequence[int] | None = None,
         score_top_fraction: float | None = None,
         prior_pooling: int = 1,
+        flow_positions: int = 0,
         **kwargs,
     ) -> None:
         if flow_patience is not None:
@@ -167,6 +177,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             score_out_indices=score_out_indices,
             score_top_fraction=score_top_fraction,
             prior_pooling=prior_pooling,
+            flow_positions=flow_positions,
         )
         self.init_held_out_flow_nll(len(out_indices))
 

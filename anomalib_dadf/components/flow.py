@@ -1,11 +1,12 @@
 """Discriminative flow: a 2-D normalizing flow over [prior, local, global] at one scale."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from anomalib.models.components.flow import AllInOneBlock
 from anomalib.models.image.fastflow.torch_model import subnet_conv_func
 from FrEIA.framework import SequenceINN
+from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
 
@@ -36,6 +37,77 @@ SUBNETS: dict[str, Callable[[int, int], Callable[[int, int], nn.Module]]] = {
     "depthwise": depthwise_subnet,
     "conv": subnet_conv_func,
 }
+
+
+def check_position_channels(channels: int) -> None:
+    """Refuse a width of positional encoding that timm's 2-D sin-cos encoding cannot build.
+
+    Raises:
+        ValueError: ``channels`` is negative or not a multiple of 4.
+    """
+    if channels < 0 or channels % 4:
+        msg = (
+            f"flow_positions must be 0 (no positional condition) or a positive multiple of 4 (a sine and a cosine "
+            f"per axis and frequency), got {channels}."
+        )
+        raise ValueError(msg)
+
+
+class PositionalFlow(SequenceINN):
+    """A ``SequenceINN`` of ``AllInOneBlock`` couplings whose subnets may also see where each position lies.
+
+    The prior is frozen and its grid fixed, so a position's normal appearance depends on where it is on an
+    aligned part (a cell's busbars and corners, an object's layout): with ``position_channels``, every coupling's
+    subnet reads a fixed 2-D sin-cos encoding of the position beside its input, as CFLOW conditions its flows.
+    The condition is a buffer, not an input, so callers run the flow as any ``SequenceINN``. Without it, this is
+    the flow DADF and FastFlow build.
+
+    Args:
+        shape: ``(channels, height, width)`` of the flow's input.
+        flow_steps: Number of couplings.
+        subnet: ``subnet(step)`` gives step ``step``'s subnet constructor, ``f(in_channels, out_channels)``.
+        clamp: Affine clamping of the couplings.
+        position_channels: Width of the positional encoding; 0 for none.
+
+    Example:
+        >>> flow = PositionalFlow((4, 3, 3), 2, lambda step: subnet_conv_func(3, 1.0), position_channels=8)
+        >>> latent, log_jacobian = flow(torch.randn(2, 4, 3, 3))
+        >>> latent.shape, log_jacobian.shape
+        (torch.Size([2, 4, 3, 3]), torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        flow_steps: int,
+        subnet: Callable[[int], Callable[[int, int], nn.Module]],
+        clamp: float = 2.0,
+        position_channels: int = 0,
+    ) -> None:
+        check_position_channels(position_channels)
+        channels, height, width = shape
+        super().__init__(channels, height, width)
+        condition = {"cond": 0, "cond_shape": (position_channels, height, width)} if position_channels else {}
+        for step in range(flow_steps):
+            self.append(AllInOneBlock, subnet_constructor=subnet(step), affine_clamping=clamp, permute_soft=False, **condition)
+        positions = None
+        if position_channels:
+            encoding = build_sincos2d_pos_embed([height, width], position_channels)
+            positions = encoding.reshape(height, width, position_channels).permute(2, 0, 1).unsqueeze(0)
+        # Not saved: rebuilt from the shape, so checkpoints from before the option load unchanged.
+        self.register_buffer("positions", positions, persistent=False)
+
+    def forward(
+        self,
+        x_or_z: torch.Tensor,
+        c: Iterable[torch.Tensor] | None = None,
+        rev: bool = False,
+        jac: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``SequenceINN``'s pass, conditioned on the positions when the flow has them."""
+        if c is None and self.positions is not None:
+            c = [self.positions.expand(x_or_z.shape[0], -1, -1, -1)]
+        return super().forward(x_or_z, c=c, rev=rev, jac=jac)
 
 
 def flow_with_log_jacobian_map(flow: SequenceINN, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +181,7 @@ class DiscriminativeFlow(nn.Module):
         clamp: float = 2.0,
         hidden_ratio: int = 1,
         subnet: str = "depthwise",
+        position_channels: int = 0,
     ) -> None:
         super().__init__()
         if subnet not in SUBNETS:
@@ -117,14 +190,13 @@ class DiscriminativeFlow(nn.Module):
         channels, height, width = feature_shape
         flow_shape = (num_views * channels, height, width)
         self.norm = nn.LayerNorm(list(flow_shape))
-        self.flow = SequenceINN(*flow_shape)
-        for step in range(flow_steps):
-            self.flow.append(
-                AllInOneBlock,
-                subnet_constructor=SUBNETS[subnet](3 if step % 2 == 0 else 1, hidden_ratio),
-                affine_clamping=clamp,
-                permute_soft=False,
-            )
+        self.flow = PositionalFlow(
+            flow_shape,
+            flow_steps,
+            lambda step: SUBNETS[subnet](3 if step % 2 == 0 else 1, hidden_ratio),
+            clamp=clamp,
+            position_channels=position_channels,
+        )
 
     def forward(self, *views: torch.Tensor, per_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Map the views of one scale (in DADF: prior, local, global) to the latent space.
