@@ -57,6 +57,10 @@ SETTINGS = {
     "strides 8-32, Lite2 prior": (
         "DADF", ("tuning_prior_backbone", "DADF, Lite2 prior"), ("ablation_exact", "DADF, strides 8-32, Lite2 prior"),
     ),
+    "strides 8-32, positions 16": (
+        "DADF", ("tuning_flow_positions", "DADF, positions 16"),
+        ("ablation_exact", "DADF, strides 8-32, positions 16"),
+    ),
     "map from strides 4-16, score from 8-32": (
         "DADF", ("tuning_score_layers", "DADF, map 4-16, score 8-32"), ("ablation_exact", "DADF, map 4-16, score 8-32"),
     ),
