@@ -18,6 +18,7 @@ Example:
 import logging
 from typing import Any
 
+import torch
 from anomalib.data import Batch
 from anomalib.post_processing import PostProcessor
 from lightning.pytorch import LightningModule, Trainer
@@ -107,3 +108,35 @@ class FalseAlarmPostProcessor(PostProcessor):
                 threshold.copy_(metric.compute())
             metric.reset()
         self._anomalous_seen = False
+
+
+class RankKeepingPostProcessor(FalseAlarmPostProcessor):
+    """:class:`FalseAlarmPostProcessor` whose normalisation keeps the order of every score, for measuring.
+
+    anomalib maps a score ``s`` to ``(s - threshold) / (max - min) + 0.5`` with ``min`` and ``max`` taken on the
+    validation set, and clamps the result to [0, 1]; its evaluator then computes AUROC, AUPRO and sPRO on those
+    clamped values. Every test score beyond the validation range becomes 0 or 1, and tied, so a normal test image
+    that scores above every validation image ties with the anomalies however far below them it lies. With a small
+    validation split (four images on a 60-image set) that alone can take a perfect image AUROC to 0.6. This maps the
+    same ``z = (s - threshold) / (max - min)`` to ``0.5 + atan(z) / pi`` instead: still in (0, 1), 0.5 at the
+    threshold (so labels and F1 are unchanged), never clamped, strictly increasing in ``s``, so threshold-free metrics
+    read each model's own ranking. Scores for deployment are anomalib's; this is for benchmarks.
+
+    Example:
+        >>> from anomalib.models import Patchcore
+        >>> model = Patchcore(post_processor=RankKeepingPostProcessor())
+    """
+
+    @staticmethod
+    def _normalize(
+        preds: torch.Tensor | None,
+        norm_min: torch.Tensor,
+        norm_max: torch.Tensor,
+        threshold: torch.Tensor,
+    ) -> torch.Tensor | None:
+        if preds is None or torch.isnan(norm_min) or torch.isnan(norm_max):
+            return preds
+        threshold = torch.where(torch.isnan(threshold), (norm_max + norm_min) / 2, threshold)
+        value_range = norm_max - norm_min
+        scale = torch.where(value_range > 0, value_range, torch.ones_like(value_range))
+        return 0.5 + torch.atan((preds - threshold) / scale) / torch.pi

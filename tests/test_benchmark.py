@@ -13,9 +13,10 @@ import yaml
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator
 from anomalib_dadf.benchmark import TimmFastflow, import_class
 from anomalib_dadf.benchmark.__main__ import cap_seeds, merged
-from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, measure
+from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, build, measure
 from anomalib_dadf.benchmark.report import ranking, summarise
 from anomalib_dadf.data.synthetic import make_mvtec_loco
+from anomalib_dadf.post_processing import RankKeepingPostProcessor
 
 from .conftest import TINY_MODEL
 
@@ -83,6 +84,15 @@ def test_fastflow_can_condition_its_couplings_on_the_positions() -> None:
     with torch.no_grad():
         output = model.model(torch.rand(2, 3, 256, 256))
     assert output.anomaly_map.shape == (2, 1, 256, 256)
+
+
+def test_the_benchmark_measures_every_model_with_the_rank_keeping_post_processor() -> None:
+    spec = {"data": {"class_path": "anomalib_dadf.data.MVTec", "init_args": {"root": "unused", "category": "x"}},
+            "input_size": [64, 64]}
+    for model in ({"class_path": "anomalib.models.Patchcore", "init_args": {"backbone": "resnet18", "pre_trained": False}},
+                  {"class_path": "anomalib_dadf.Dadf", "init_args": {**TINY_MODEL}}):
+        _, module, _ = build({**spec, "model": model})
+        assert type(module.post_processor) is RankKeepingPostProcessor
 
 
 def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() -> None:

@@ -21,7 +21,7 @@ from anomalib_dadf.data import MVTec, VisA
 from anomalib_dadf.data.synthetic import make_mvtec
 from anomalib_dadf.lightning_model import TrainingDivergedError
 from anomalib_dadf.metrics import FalsePositiveRateThreshold, FieldAwareEvaluator
-from anomalib_dadf.post_processing import FalseAlarmPostProcessor
+from anomalib_dadf.post_processing import FalseAlarmPostProcessor, RankKeepingPostProcessor
 
 from .conftest import TINY_MODEL, small_pre_processor
 
@@ -78,6 +78,29 @@ def test_post_processor_uses_the_rate_without_anomalies_and_f1_with_them(caplog:
     forced = FalseAlarmPostProcessor(threshold="false_positive_rate", false_positive_rate=0.0)
     validate(forced, scores_batch([0.0, 1.0, 2.0, 9.0, 10.0], [0, 0, 0, 1, 1]))
     assert float(forced.image_threshold) == pytest.approx(2.0), "the highest normal score at a rate of 0"
+
+
+def test_measuring_keeps_the_order_of_scores_beyond_the_validation_range() -> None:
+    # Validation scores span 0 to 1, threshold 0.5; test normals score 2 and 3, anomalies 5 and 9.
+    test = ([2.0, 3.0, 5.0, 9.0], [0, 0, 1, 1])
+    auroc = AUROC(fields=["pred_score", "gt_label"])
+    results = {}
+    for post_processor in (FalseAlarmPostProcessor(), RankKeepingPostProcessor()):
+        validate(post_processor, scores_batch([0.0, 0.2, 0.8, 1.0], [0, 0, 1, 1]))
+        batch = scores_batch(*test)
+        post_processor.normalize_batch(batch)
+        auroc.reset()
+        auroc.update(batch)
+        results[type(post_processor).__name__] = (batch.pred_score, float(auroc.compute()))
+    clamped, clamped_auroc = results["FalseAlarmPostProcessor"]
+    kept, kept_auroc = results["RankKeepingPostProcessor"]
+    assert torch.equal(clamped, torch.ones(4)), "anomalib's clamp ties every score above the validation range"
+    assert clamped_auroc == 0.5
+    assert torch.all(kept.diff() > 0) and torch.all((kept > 0) & (kept < 1)), "in (0, 1), order kept"
+    assert kept_auroc == 1.0
+    post_processor = RankKeepingPostProcessor()
+    validate(post_processor, scores_batch([0.0, 0.2, 0.8, 1.0], [0, 0, 1, 1]))
+    assert float(post_processor.normalized_image_threshold) == pytest.approx(0.5), "labels as anomalib's"
 
 
 def test_unknown_threshold_method_is_refused() -> None:

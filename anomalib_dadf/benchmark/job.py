@@ -2,7 +2,8 @@
 
 ``anomalib benchmark`` resolves models through ``anomalib.models.get_model``, which refuses class
 paths outside ``anomalib.models``. These jobs import any ``class_path`` instead, give every model of a
-run the same input size, pre-processing and evaluator, and run each fit-and-test in a fresh process so
+run the same input size, pre-processing, post-processing (:class:`~anomalib_dadf.post_processing.RankKeepingPostProcessor`:
+threshold-free metrics read each model's own order of scores) and evaluator, and run each fit-and-test in a fresh process so
 that its peak resident memory is its own.
 """
 
@@ -32,6 +33,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_dadf.components import input_statistics
 from anomalib_dadf.metrics import HELD_OUT_FLOW_NLL, SPRO, FieldAwareEvaluator, PerFlowStop
+from anomalib_dadf.post_processing import RankKeepingPostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,9 @@ def build(spec: dict[str, Any]) -> tuple[AnomalibDataModule, AnomalibModule, dic
     model = model_class(
         **spec["model"].get("init_args", {}),
         pre_processor=pre_processor,
+        # The same post-processor for every model, whose normalisation keeps each model's order of scores: the
+        # evaluator reads normalised scores, and anomalib's clamp ties all that leave the validation range.
+        post_processor=RankKeepingPostProcessor(),
         evaluator=shared_evaluator(datamodule),
         visualizer=False,
     )
