@@ -3,7 +3,7 @@ the held-out stop of stage 1."""
 
 from .backbone import PriorScales, describe_prior, input_statistics, neighbourhood_pooling, pretrained_features
 from .cache import BlankImages, FeatureCache, RunCache, delivers_blanks, read_images_again, skip_reading_images
-from .flow import DiscriminativeFlow, PositionalFlow, check_position_channels, flow_with_log_jacobian_map
+from .flow import DiscriminativeFlow, PositionalFlow, flow_with_log_jacobian_map
 from .held_out import Plateau, check_holdout, held_out_images
 from .transformer import DualAttention, DualAttentionBlock, DualAttentionTransformer
 
@@ -19,7 +19,6 @@ __all__ = [
     "PriorScales",
     "RunCache",
     "check_holdout",
-    "check_position_channels",
     "delivers_blanks",
     "describe_prior",
     "flow_with_log_jacobian_map",
