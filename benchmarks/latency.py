@@ -3,7 +3,7 @@
 Every model uses the same ResNet-18 prior (layers 1-3; PatchCore its usual layers 2-3) at 256x256.
 DADF is the lite preset (``configs/dadf_lite.yaml``); DADF-tuned the same with ``flow_subnet: conv``;
 DADF-chosen the setting chosen on validation data (``configs/quickstart.yaml``: DADF-tuned with the flows
-on the prior alone, so the export holds no Transformer, on the maps at strides 8, 16, 32: ResNet-18's layers 2-4).
+on the prior alone, so the export holds no Transformer, on the maps at strides 4, 8, 16: ResNet-18's layers 1-3).
 anomalib's FastFlow accepts ResNet-18, which is why it is the shared backbone here. Weights are
 random: latency does not depend on their values. PatchCore's memory bank is filled with random
 features of the size a 0.1 coreset of 200 training images gives (200 x 32 x 32 x 0.1 = 20,480 x 384).
@@ -59,8 +59,8 @@ def dadf_tuned() -> Dadf:
 
 
 def dadf_chosen() -> Dadf:
-    """DADF-tuned with the flows on the prior alone at strides 8-32, the main table's chosen setting's architecture."""
-    return dadf(flow_subnet="conv", flow_inputs=("prior",), layers=("layer2", "layer3", "layer4"))
+    """DADF-tuned with the flows on the prior alone at strides 4-16, the main table's chosen setting's architecture."""
+    return dadf(flow_subnet="conv", flow_inputs=("prior",))
 
 
 def patchcore() -> Patchcore:
