@@ -41,13 +41,9 @@ SIZE = 256
 LITE = {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0, "flow_steps": 4}  # configs/dadf_lite.yaml
 
 
-def dadf(
-    flow_subnet: str = "depthwise",
-    flow_inputs: tuple[str, ...] = ("prior", "local", "global"),
-    layers: tuple[str, ...] = ("layer1", "layer2", "layer3"),
-) -> Dadf:
+def dadf(flow_subnet: str = "depthwise", flow_inputs: tuple[str, ...] = ("prior", "local", "global")) -> Dadf:
     model = Dadf(
-        backbone="resnet18", layers=layers, pre_trained=False, flow_subnet=flow_subnet, flow_inputs=flow_inputs, **LITE,
+        backbone="resnet18", pre_trained=False, flow_subnet=flow_subnet, flow_inputs=flow_inputs, **LITE,
     ).eval()
     model.flow_steps_trained += 1  # timing only: the export guard asks for trained flows
     return model
