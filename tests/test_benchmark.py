@@ -247,7 +247,7 @@ def test_ranking_averages_metrics_then_data_sets() -> None:
     })
     # A: x (0.7 + 0.9) / 2 = 0.8, y 0.6 -> 0.7; B: x 0.9, y 0.7 -> 0.8
     assert ranking(summarise(results), ["image_AUROC", "pixel_AUROC"]).splitlines()[2:] == [
-        "| 1 | B | 0.800 |", "| 2 | A | 0.700 |",
+        "| 1 | B | 0.8000 |", "| 2 | A | 0.7000 |",
     ]
 
 
@@ -257,7 +257,7 @@ def test_ranking_puts_the_lowest_first_for_metrics_where_lower_is_better() -> No
         "held_out_flow_nll": [-0.5, -0.9, -0.7, -0.6], "image_AUROC": [0.9, 0.8, 0.7, 0.6],
     })
     assert ranking(summarise(results), ["held_out_flow_nll"]).splitlines()[2:] == [
-        "| 1 | B | -0.750 |", "| 2 | A | -0.600 |",
+        "| 1 | B | -0.7500 |", "| 2 | A | -0.6000 |",
     ]
     with pytest.raises(ValueError, match="better when lower"):
         ranking(summarise(results), ["held_out_flow_nll", "image_AUROC"])
