@@ -16,6 +16,8 @@ The image score is the maximum of a map (the paper's), or with ``score_top_fract
 the map's highest values (MSFlow scores with its top 10 %), so that one stray position cannot set it alone. By
 default the map and the score see every scale; ``map_scales`` and ``score_scales`` give each its own, so that fine
 scales can draw the map while coarse ones, less prone to false alarms on a single position, score the image.
+With ``sigma`` both maps are blurred by anomalib's Gaussian filter before the score is read, as PatchCore's and
+PaDiM's maps are: a defect that raises a neighbourhood then outscores a lone noisy position of the same height.
 
 Example:
     >>> import torch
@@ -37,12 +39,17 @@ Example:
     >>> peak[..., 0, 0] = 4.0  # one position of 16 stands out: its map value is 0.5 * 4^2 = 8
     >>> AnomalyMapGenerator((4, 4), kind="log_likelihood", score_top_fraction=0.25).score([peak]).pred_score.item()
     2.0
+    >>> blurred = AnomalyMapGenerator((16, 16), kind="log_likelihood", sigma=1.0).score([peak])
+    >>> blurred.pred_score.item() < 8.0, blurred.anomaly_map[0, 0, 8, 8].item() > 0.0  # the peak is spread out
+    (True, True)
 """
 
 from collections.abc import Sequence
 
 import torch
 from anomalib.data import InferenceBatch
+from anomalib.models.components import GaussianBlur2d
+from anomalib.models.components.filters.blur import compute_kernel_size
 from anomalib.models.image.fastflow.anomaly_map import AnomalyMapGenerator as ProbabilityMapGenerator
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -86,9 +93,12 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         score_scales: Positions of the scales whose map gives the image score; ``None``: all.
         score_top_fraction: Share of the score map's positions (at ``input_size``) whose mean is the image score,
             in (0, 1]; ``None``: its maximum.
+        sigma: Standard deviation, in pixels of ``input_size``, of the Gaussian blur of the map and the score map
+            in :meth:`score` (PatchCore's is 4); 0: none. :meth:`forward` gives the unblurred map.
 
     Raises:
-        ValueError: Unknown ``kind``, or a ``score_top_fraction`` outside (0, 1].
+        ValueError: Unknown ``kind``, a ``score_top_fraction`` outside (0, 1], a negative ``sigma`` or one whose
+            kernel (``2 * int(4 * sigma + 0.5) + 1`` pixels wide) does not fit in the map.
     """
 
     def __init__(
@@ -98,6 +108,7 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         map_scales: Sequence[int] | None = None,
         score_scales: Sequence[int] | None = None,
         score_top_fraction: float | None = None,
+        sigma: float = 0.0,
     ) -> None:
         super().__init__(input_size=input_size)
         if kind not in ANOMALY_MAPS:
@@ -111,6 +122,17 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
             raise ValueError(msg)
         positions = self.input_size[0] * self.input_size[1]
         self.score_positions = None if score_top_fraction is None else max(1, round(score_top_fraction * positions))
+        if sigma < 0:
+            msg = f"The anomaly map's blur sigma must be 0 (no blur) or positive, got {sigma}."
+            raise ValueError(msg)
+        if sigma > 0 and compute_kernel_size(sigma) // 2 >= min(self.input_size):
+            msg = (
+                f"The anomaly map's blur sigma {sigma} needs a {compute_kernel_size(sigma)}-pixel kernel, too wide for "
+                f"the {self.input_size} map: choose a smaller sigma or a larger input size."
+            )
+            raise ValueError(msg)
+        # Identity keeps the state dict of an unblurred model as it was, so its older checkpoints still load.
+        self.blur = GaussianBlur2d(sigma=sigma, channels=1) if sigma > 0 else nn.Identity()
 
     @property
     def uses_log_jacobians(self) -> bool:
@@ -181,7 +203,7 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         hidden_variables: Sequence[torch.Tensor],
         log_jacobians: Sequence[torch.Tensor] | None,
     ) -> torch.Tensor:
-        """The map of some scales (``None``: all)."""
+        """The blurred map of some scales (``None``: all)."""
         indices = range(len(hidden_variables)) if scales is None else scales
         chosen_jacobians = None if log_jacobians is None else [log_jacobians[index] for index in indices]
-        return self([hidden_variables[index] for index in indices], chosen_jacobians)
+        return self.blur(self([hidden_variables[index] for index in indices], chosen_jacobians))

@@ -94,6 +94,7 @@ ARCHITECTURE = (
     "score_layers",
     "score_top_fraction",
     "prior_pooling",
+    "map_sigma",
 )
 
 
@@ -157,6 +158,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         prior_pooling (int): Average each prior map over this odd width of neighbourhood (stride 1, so the grid
             stays) before the Transformer and the flows see it, so that a flow models a position's neighbourhood
             as PatchCore's patch features do. Defaults to ``1``: no pooling, as the paper does.
+        map_sigma (float): Standard deviation, in pixels of the input size, of a Gaussian blur of the anomaly map
+            before the image score (its maximum or top share) is read, as PatchCore's and PaDiM's maps are blurred
+            (their sigma is 4): a defect that raises a neighbourhood then outscores one noisy position. Defaults to
+            ``0.0``: no blur, as the paper does.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
             is set. Defaults to ``200``.
         reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
@@ -240,6 +245,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         score_layers: Sequence[str] | None = None,
         score_top_fraction: float | None = None,
         prior_pooling: int = 1,
+        map_sigma: float = 0.0,
         reconstruction_epochs: int = 200,
         reconstruction_patience: int | None = None,
         reconstruction_holdout: float = 0.1,

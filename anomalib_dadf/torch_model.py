@@ -52,11 +52,14 @@ class DadfModel(nn.Module):
             ``None`` (the paper's): its maximum.
         prior_pooling: Width of the neighbourhood each prior map is averaged over before anything reads it
             (:func:`~anomalib_dadf.components.neighbourhood_pooling`); 1 (the paper's): none.
+        map_sigma: Standard deviation in pixels of a Gaussian blur of the anomaly map before the image score is
+            read (PatchCore's is 4); 0 (the paper's): none.
 
     Raises:
         ValueError: Unknown, repeated or no flow inputs, an unknown anomaly map, or map or score layers that are
-            not among ``layers``, a top fraction outside (0, 1], a pooling width that is not a positive odd number, or a
-            positional width that is not 0 or a positive multiple of 4 (besides the prior's and the grid's errors).
+            not among ``layers``, a top fraction outside (0, 1], a negative or too wide blur, a pooling width that is
+            not a positive odd number, or a positional width that is not 0 or a positive multiple of 4 (besides the
+            prior's and the grid's errors).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class DadfModel(nn.Module):
         score_layers: Sequence[str] | None = None,
         score_top_fraction: float | None = None,
         prior_pooling: int = 1,
+        map_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         self.flow_inputs = tuple(flow_inputs)
@@ -123,6 +127,7 @@ class DadfModel(nn.Module):
             map_scales=scale_indices(map_layers, layers, "map_layers"),
             score_scales=scale_indices(score_layers, layers, "score_layers"),
             score_top_fraction=score_top_fraction,
+            sigma=map_sigma,
         )
 
     def extract_priors(self, images: torch.Tensor) -> list[torch.Tensor]:

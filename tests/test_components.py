@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from anomalib.models.components import GaussianBlur2d
 from anomalib.models.image.fastflow.torch_model import create_fast_flow_block, subnet_conv_func
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator
@@ -276,7 +277,7 @@ def same_flows_two_maps(anomaly_map: str, **scoring: object) -> tuple[DadfModel,
     torch.manual_seed(0)
     paper = DadfModel(**arguments).eval()
     other = DadfModel(**arguments, anomaly_map=anomaly_map, **scoring).eval()
-    other.load_state_dict(paper.state_dict())
+    other.load_state_dict({**other.state_dict(), **paper.state_dict()})  # keeps what only ``other`` has (a blur)
     return paper, other
 
 
@@ -317,6 +318,33 @@ def test_the_score_can_be_the_mean_of_the_maps_top_share() -> None:
     for fraction in (0.0, 1.5):
         with pytest.raises(ValueError, match=rf"score_top_fraction must be in \(0, 1\].*got {fraction}"):
             DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, score_top_fraction=fraction)
+
+
+def test_a_blurred_map_scores_a_raised_neighbourhood_above_a_lone_position_of_its_height() -> None:
+    lone, patch = torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32)  # at the map's size: no upsampling
+    lone[..., 16, 16] = 4.0
+    patch[..., 15:18, 15:18] = 4.0
+    latents = [torch.cat([lone, patch])]
+    sharp = AnomalyMapGenerator((32, 32), kind="log_likelihood").score(latents)
+    blurred = AnomalyMapGenerator((32, 32), kind="log_likelihood", sigma=4.0).score(latents)
+    assert sharp.pred_score[0] == sharp.pred_score[1], "unblurred, both peak at 0.5 * 4^2"
+    assert blurred.pred_score[1] > 2 * blurred.pred_score[0], "blurred, the raised neighbourhood stands out"
+    assert blurred.anomaly_map.shape == sharp.anomaly_map.shape
+    assert not AnomalyMapGenerator((32, 32)).state_dict(), "no blur adds nothing, so older checkpoints load"
+
+
+def test_the_model_blurs_the_map_it_scores_with_anomalibs_filter() -> None:
+    paper, blurred = same_flows_two_maps("probability", map_sigma=4.0)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        output, paper_output = blurred(images), paper(images)
+    expected = GaussianBlur2d(sigma=4.0, channels=1)(paper_output.anomaly_map)
+    assert torch.allclose(output.anomaly_map, expected)
+    assert torch.equal(output.pred_score, output.anomaly_map.amax(dim=(-2, -1)))
+    with pytest.raises(ValueError, match=r"blur sigma must be 0 \(no blur\) or positive, got -1"):
+        DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, map_sigma=-1.0)
+    with pytest.raises(ValueError, match=r"blur sigma 16.0 needs a 129-pixel kernel, too wide for the \(64, 64\) map"):
+        DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, map_sigma=16.0)
 
 
 def test_neighbourhood_pooling_averages_the_neighbours_each_position_has() -> None:

@@ -96,13 +96,18 @@ def test_exported_model_matches_the_lightning_model(trained, export_type: Export
 
 @pytest.mark.parametrize(
     "options",
-    [{"score_layers": ["layer2", "layer3"], "score_top_fraction": 0.1}, {"prior_pooling": 3}, {"flow_positions": 4}],
-    ids=["own-score", "pooled-prior", "positional-flows"],
+    [
+        {"score_layers": ["layer2", "layer3"], "score_top_fraction": 0.1},
+        {"prior_pooling": 3},
+        {"flow_positions": 4},
+        {"map_sigma": 4.0},
+    ],
+    ids=["own-score", "pooled-prior", "positional-flows", "blurred-map"],
 )
 def test_the_density_map_exports_with_parity_with_its_own_score_or_a_pooled_prior(trained, monkeypatch, options, tmp_path) -> None:
     # Its per-position log-determinants are read with forward hooks, which the traced export must keep; the
-    # score's own layers and top share, the prior's pooling without its padding, and the flows' positions (a buffer
-    # that is not saved) are ops of the graph too.
+    # score's own layers and top share, the prior's pooling without its padding, the flows' positions (a buffer
+    # that is not saved) and the map's blur are ops of the graph too.
     monkeypatch.chdir(trained.work)
     seed_everything(0)
     model = Dadf(

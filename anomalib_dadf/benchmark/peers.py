@@ -4,9 +4,9 @@ anomalib's ``Fastflow`` accepts only four backbone names, although its CNN path 
 ``out_indices`` 1-3, a trainable LayerNorm per scale, FastFlow blocks) is generic. ``TimmFastflow`` routes another
 timm CNN through exactly that path; the benchmark table names the model ``TimmFastflow`` wherever it does so. It
 also takes DADF's choice of anomaly map, DADF's stop on the flows' likelihood of held-out normal images, its choice
-of flow objective, its neighbourhood pooling of the backbone's maps, its positional condition of the couplings and
-(``out_indices``) other maps of the backbone, with the map and the image score from their own maps if wished, so
-that what DADF is tuned over is open to FastFlow too.
+of flow objective, its neighbourhood pooling of the backbone's maps, its blur of the anomaly map, its positional
+condition of the couplings and (``out_indices``) other maps of the backbone, with the map and the image score from
+their own maps if wished, so that what DADF is tuned over is open to FastFlow too.
 """
 
 from collections.abc import Sequence
@@ -50,6 +50,7 @@ class TimmCnnFastflowModel(FastflowModel):
         score_top_fraction: float | None = None,
         prior_pooling: int = 1,
         flow_positions: int = 0,
+        map_sigma: float = 0.0,
     ) -> None:
         # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
         super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
@@ -92,6 +93,7 @@ class TimmCnnFastflowModel(FastflowModel):
             map_scales=scale_indices(map_out_indices, out_indices, "map_out_indices"),
             score_scales=scale_indices(score_out_indices, out_indices, "score_out_indices"),
             score_top_fraction=score_top_fraction,
+            sigma=map_sigma,
         )
 
     def _get_cnn_features(self, input_tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -128,8 +130,8 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ``flow_objective`` is DADF's too (``"exact"`` counts the log-determinant of FastFlow's trainable norms).
     ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default;
     ``map_out_indices`` and ``score_out_indices`` (subsets of them, all by default) draw the anomaly map and give
-    the image score, as DADF's ``map_layers`` and ``score_layers`` do; ``score_top_fraction``, ``prior_pooling`` and
-    ``flow_positions`` are DADF's too.
+    the image score, as DADF's ``map_layers`` and ``score_layers`` do; ``score_top_fraction``, ``prior_pooling``,
+    ``flow_positions`` and ``map_sigma`` are DADF's too.
     """
 
     def __init__(
@@ -149,6 +151,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         score_top_fraction: float | None = None,
         prior_pooling: int = 1,
         flow_positions: int = 0,
+        map_sigma: float = 0.0,
         **kwargs,
     ) -> None:
         if flow_patience is not None:
@@ -178,6 +181,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             score_top_fraction=score_top_fraction,
             prior_pooling=prior_pooling,
             flow_positions=flow_positions,
+            map_sigma=map_sigma,
         )
         self.init_held_out_flow_nll(len(out_indices))
 
