@@ -113,7 +113,7 @@ def test_class_paths_outside_anomalib_models_resolve_and_bad_ones_are_named() ->
         import_class("anomalib.models.NoSuchModel")
 
 
-def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> None:
+def test_grid_writes_csv_markdown_and_plot_and_a_report_rewrite_keeps_the_csv(mvtec_root: Path, tmp_path: Path) -> None:
     loco = make_mvtec_loco(tmp_path / "loco")
     config = {
         "title": "tiny",
@@ -182,6 +182,16 @@ def test_grid_writes_csv_markdown_and_plot(mvtec_root: Path, tmp_path: Path) -> 
     assert set(ran.loc[ran["data"] == "toy", "train_images"]) == {toy_size}
     assert set(ran.loc[ran["model"] == "DADF", "epochs"]) == {2}
 
+    rows_text = (output / "results.csv").read_bytes()
+    rewritten = subprocess.run(
+        [sys.executable, "-m", "anomalib_dadf.benchmark", "--config", str(config_path), "--output", str(output),
+         "--report-only"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert rewritten.returncode == 0, (rewritten.stdout + rewritten.stderr)[-4000:]
+    assert (output / "results.csv").read_bytes() == rows_text, "the rows a run wrote are never rewritten"
+    assert "report rewritten from the results.csv" in (output / "summary.md").read_text()
+
 
 CONFIG = {
     "models": [{"name": "A"}, {"name": "B"}, {"name": "C"}],
@@ -230,6 +240,14 @@ def test_later_seeds_can_be_added_to_cells_that_ran(tmp_path: Path) -> None:
     assert list(zip(rows["model"], rows["seed"], rows["image_AUROC"], strict=True)) == [
         ("A", 0, 0.1), ("A", 1, 0.7), ("A", 2, 0.8), ("B", 0, 0.3),
     ]
+
+
+def test_rows_kept_by_a_partial_run_are_written_back_as_they_were(tmp_path: Path) -> None:
+    earlier = "data,model,seed,test_s\nx,A,0,2.7749541309967753\n"  # pandas' fast parser reads ...776 back
+    (tmp_path / "results.csv").write_text(earlier)
+    rerun = pd.DataFrame({"data": ["x"], "model": ["B"], "seed": [0], "test_s": [1.5]})
+    merged(rerun, tmp_path / "results.csv", CONFIG).to_csv(tmp_path / "results.csv", index=False)
+    assert (tmp_path / "results.csv").read_text().splitlines()[:2] == earlier.splitlines()
 
 
 def test_a_model_may_run_at_its_own_input_size() -> None:

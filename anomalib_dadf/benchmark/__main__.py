@@ -9,7 +9,7 @@ starts at seed K, so later seeds can be added to cells whose first seeds already
 ``--models`` / ``--data`` run part of the grid and merge it into the folder's ``results.csv``: rows of
 the re-run cells are replaced (with ``--first-seed K``, only their seeds from K on), all others are kept,
 and the report is written anew. ``--report-only`` runs nothing and writes the report anew from the
-folder's ``results.csv`` (after a change to the config's ``notes`` or ``rank_by``, say).
+folder's ``results.csv``, which it leaves as it is (after a change to the config's ``notes`` or ``rank_by``, say).
 """
 
 import argparse
@@ -38,10 +38,11 @@ def machine() -> str:
 def merged(results: pd.DataFrame, previous: Path, config: dict, first_seed: int = 0) -> pd.DataFrame:
     """``results`` in place of the same data/model cells of an earlier ``results.csv``, in config order.
 
-    A re-run cell's earlier rows of seeds below ``first_seed`` are kept: those seeds were not run again.
+    A re-run cell's earlier rows of seeds below ``first_seed`` are kept: those seeds were not run again. Kept rows
+    are read back to every bit, so that writing them again leaves their text as it was.
     """
     if previous.is_file():
-        earlier = pd.read_csv(previous)
+        earlier = pd.read_csv(previous, float_precision="round_trip")
         rerun = set(zip(results["data"], results["model"], strict=True))
         kept = [
             (data, model) not in rerun or seed < first_seed
@@ -93,6 +94,8 @@ def main() -> None:
             results = merged(results, output / "results.csv", config, arguments.first_seed)
         minutes = (time.perf_counter() - start) / 60
         ran = f"{minutes:.0f} min{' for the re-run cells' if partial else ' in all'}"
+        output.mkdir(parents=True, exist_ok=True)
+        results.to_csv(output / "results.csv", index=False)
     header = (
         f"# Benchmark: {config.get('title', arguments.config.stem)}\n\n"
         f"Command: `python -m anomalib_dadf.benchmark {shlex.join(sys.argv[1:])}` "

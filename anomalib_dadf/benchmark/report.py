@@ -114,13 +114,12 @@ def write_report(
     rank_by: list[str] | None = None,
     growth: bool = False,
 ) -> Path:
-    """Write ``results.csv`` (one row per run), ``summary.md`` and ``image_auroc.png`` into ``output``.
+    """Write ``summary.md`` and ``image_auroc.png`` of ``results`` (one row per run) into ``output``.
 
     With ``rank_by`` (metric names), ``summary.md`` also ranks the models by :func:`ranking`; with
     ``growth`` it shows ``cost_growth.png`` (:func:`plot_growth`), for data sets that differ in size.
     """
     output.mkdir(parents=True, exist_ok=True)
-    results.to_csv(output / "results.csv", index=False)
     summary = summarise(results)
     errors = results[results["error"].notna()] if "error" in results else results.iloc[0:0]
     failed = [f"- {row.data} / {row.model} / seed {row.seed}: {row.error}" for row in errors.itertuples()]
