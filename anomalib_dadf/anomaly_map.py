@@ -125,10 +125,11 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         if sigma < 0:
             msg = f"The anomaly map's blur sigma must be 0 (no blur) or positive, got {sigma}."
             raise ValueError(msg)
-        if sigma > 0 and compute_kernel_size(sigma) // 2 >= min(self.input_size):
+        kernel_size = compute_kernel_size(sigma)
+        if sigma > 0 and kernel_size // 2 >= min(self.input_size):
             msg = (
-                f"The anomaly map's blur sigma {sigma} needs a {compute_kernel_size(sigma)}-pixel kernel, too wide for "
-                f"the {self.input_size} map: choose a smaller sigma or a larger input size."
+                f"The anomaly map's blur sigma {sigma} needs a {kernel_size}-pixel kernel, too wide for the "
+                f"{self.input_size} map: choose a smaller sigma or a larger input size."
             )
             raise ValueError(msg)
         # Identity keeps the state dict of an unblurred model as it was, so its older checkpoints still load.

@@ -35,14 +35,18 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()}"
 
 
+def read_rows(path: Path) -> pd.DataFrame:
+    """The rows of a ``results.csv``, every number read back to the bit, so that writing them again keeps their text."""
+    return pd.read_csv(path, float_precision="round_trip")
+
+
 def merged(results: pd.DataFrame, previous: Path, config: dict, first_seed: int = 0) -> pd.DataFrame:
     """``results`` in place of the same data/model cells of an earlier ``results.csv``, in config order.
 
-    A re-run cell's earlier rows of seeds below ``first_seed`` are kept: those seeds were not run again. Kept rows
-    are read back to every bit, so that writing them again leaves their text as it was.
+    A re-run cell's earlier rows of seeds below ``first_seed`` are kept: those seeds were not run again.
     """
     if previous.is_file():
-        earlier = pd.read_csv(previous, float_precision="round_trip")
+        earlier = read_rows(previous)
         rerun = set(zip(results["data"], results["model"], strict=True))
         kept = [
             (data, model) not in rerun or seed < first_seed
@@ -81,7 +85,7 @@ def main() -> None:
     output = arguments.output or Path(config.get("output", "results/benchmark"))
 
     if arguments.report_only:
-        results = pd.read_csv(output / "results.csv")
+        results = read_rows(output / "results.csv")
         ran = "report rewritten from the results.csv of an earlier run"
     else:
         start = time.perf_counter()
