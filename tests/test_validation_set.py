@@ -8,7 +8,7 @@ from PIL import Image
 
 from anomalib_dadf.data import MVTec, make_elpv_dataset
 from anomalib_dadf.data import validation as validation_module
-from anomalib_dadf.data.validation import make_validation_set, write_uncertain_cells
+from anomalib_dadf.data.validation import darken_cut_off_region, make_validation_set, write_uncertain_cells
 
 
 def test_held_out_training_images_and_their_anomalous_copies(mvtec_root: Path, tmp_path: Path) -> None:
@@ -66,7 +66,7 @@ def test_crack_copies_are_thin_dark_lines_and_leave_the_perlin_copies_as_they_we
 
 def test_an_unknown_anomaly_kind_is_named(mvtec_root: Path, tmp_path: Path) -> None:
     sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
-    with pytest.raises(ValueError, match=r"anomalies must be some of \['perlin', 'crack', 'cutpaste'\]"):
+    with pytest.raises(ValueError, match=r"anomalies must be some of \['perlin', 'crack', 'cutpaste', 'inactive'\]"):
         make_validation_set(sources, tmp_path / "out", anomalies=("scratch",))
 
 
@@ -84,6 +84,30 @@ def test_fainter_cracks_have_the_same_shapes_and_darken_less(mvtec_root: Path, t
         normal = np.asarray(Image.open(sets["plain"] / "test/good" / crack.name), dtype=float)
         plain, faint = (normal - np.asarray(Image.open(base / "test/crack" / crack.name), dtype=float) for base in sets.values())
         assert 0 < faint[masks[0] > 0].mean() < plain[masks[0] > 0].mean()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_an_inactive_copy_darkens_the_part_a_crack_cuts_off_an_edge_and_nothing_else(seed: int) -> None:
+    gray = Image.new("RGB", (96, 64), (200, 200, 200))
+    copies = [darken_cut_off_region(gray, np.random.default_rng(seed), darkening) for darkening in ((0.1, 0.2), (0.3, 0.4))]
+    (faint, mask), (plain, same_mask) = ((np.asarray(image, dtype=float)[..., 0], mask) for image, mask in copies)
+    assert np.array_equal(mask, same_mask), "the shape does not depend on the darkening"
+    assert 0.05 <= mask.mean() <= 0.4
+    assert mask[[0, -1]].any() or mask[:, [0, -1]].any(), "the part reaches the image's border"
+    assert (faint[~mask] == 200).all() and (plain[~mask] == 200).all(), "nothing outside the mask changes"
+    region = np.median(faint[mask])
+    assert 200 * (1 - 0.2) - 1 <= region <= 200 * (1 - 0.1) + 1
+    assert faint[mask].min() < region - 10, "the crack is darker than the part it cuts off"
+    assert (plain[mask] < faint[mask]).all()
+
+
+def test_inactive_copies_are_written_with_their_masks(mvtec_root: Path, tmp_path: Path) -> None:
+    sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
+    base = make_validation_set(sources, tmp_path / "inactive", holdout=0.25, seed=1, anomalies=("inactive",)) / "validation"
+    copies = sorted(path.name for path in (base / "test/inactive").glob("*.png"))
+    assert copies == sorted(path.name for path in (base / "test/good").glob("*.png"))
+    masks = [np.asarray(Image.open(base / "ground_truth/inactive" / name.replace(".png", "_mask.png"))) > 0 for name in copies]
+    assert all(0.05 <= mask.mean() <= 0.4 for mask in masks)
 
 
 def test_cutpaste_copies_carry_a_rectangle_of_another_held_out_image(mvtec_root: Path, tmp_path: Path) -> None:

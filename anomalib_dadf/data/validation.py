@@ -16,6 +16,11 @@ from a list of *training* images instead, with visible anomalies:
   CVPR 2021). The patch is real normal content, so nothing about it is foreign but its brightness
   and where its structure (busbars, fingers, texture) lies: closer to ELPV's dark inactive regions
   and misplaced parts than colourful noise or a drawn line.
+- ``test/inactive`` and ``ground_truth/inactive`` (when asked for): a copy of each held-out image with a
+  crack that runs from edge to edge and cuts off 5-35 % of the image, darkened. In electroluminescence
+  images, a crack that isolates part of a cell leaves that part electrically disconnected, so it glows
+  less than the rest: a large, faint region with a sharp, crack-shaped border, where the other kinds are
+  lines, blobs or rectangles.
 
 Its "test" split is a validation split: no test image of the source data set is read, so selecting a
 configuration on it is not tuning on test data. Load it with ``anomalib_dadf.data.MVTec(root=ROOT,
@@ -34,6 +39,8 @@ Example:
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_faint_cracks --elpv mono --anomalies perlin crack \
         --crack-darkening 0.1 0.4
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_cutpaste --elpv mono --anomalies cutpaste
+    python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_inactive --elpv mono --anomalies inactive \
+        --inactive-darkening 0.1 0.2
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_uncertain --elpv mono --uncertain-cells
 """
 
@@ -48,7 +55,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .elpv import elpv_root, make_elpv_dataset
 
-ANOMALIES = ("perlin", "crack", "cutpaste")
+ANOMALIES = ("perlin", "crack", "cutpaste", "inactive")
 
 
 def _walk(rng: np.random.Generator, point: np.ndarray, heading: float, length: float, side: int) -> list[tuple]:
@@ -99,6 +106,57 @@ def draw_crack(
     return Image.fromarray(pixels.round().astype(np.uint8)), np.asarray(lines) > 0
 
 
+def _on_border(t: float, width: int, height: int) -> tuple[float, float]:
+    """The point at ``t`` (0 to 4, one unit a side, clockwise from the top-left corner) on an image's border."""
+    side, share = divmod(t % 4, 1)
+    corners = [(0, 0), (width, 0), (width, height), (0, height), (0, 0)]
+    (x0, y0), (x1, y1) = corners[int(side)], corners[int(side) + 1]
+    return x0 + share * (x1 - x0), y0 + share * (y1 - y0)
+
+
+def darken_cut_off_region(
+    image: Image.Image,
+    rng: np.random.Generator,
+    darkening: tuple[float, float] = (0.1, 0.2),
+    area: tuple[float, float] = (0.05, 0.35),
+) -> tuple[Image.Image, np.ndarray]:
+    """A crack from one edge of ``image`` to another, and the smaller part it cuts off darkened.
+
+    The crack joins points on two different edges through eight segments, each bent off the straight
+    line by up to 4 % of the image's side. Of the two parts it leaves, the smaller is darkened by a share
+    drawn from ``darkening``, the crack itself (1-2 pixels wide) twice as much. Shapes are redrawn until
+    the part covers a share of the image within ``area``. The shape does not depend on ``darkening``.
+
+    Returns:
+        tuple[Image.Image, np.ndarray]: The darkened copy and its boolean mask (the part and the crack).
+    """
+    width, height = image.size
+    while True:
+        start = rng.uniform(0, 4)
+        end = np.floor(start) + rng.integers(1, 4) + rng.uniform(0, 1)
+        ends = np.array([_on_border(start, width, height), _on_border(end, width, height)])
+        along = np.linspace(0, 1, 9)[:, None]
+        crack = ends[0] + along * (ends[1] - ends[0])
+        crack[1:-1] += rng.uniform(-0.04, 0.04, (7, 2)) * min(width, height)
+        crack = [tuple(point) for point in crack]
+        first, last = int(np.floor(start)), int(np.floor(end))
+        parts = []
+        for corners in (range(last, first, -1), range(last + 1, first + 5)):
+            part = Image.new("L", image.size)
+            ImageDraw.Draw(part).polygon(crack + [_on_border(corner, width, height) for corner in corners], fill=255)
+            parts.append(np.asarray(part) > 0)
+        region = min(parts, key=np.count_nonzero)
+        if area[0] <= region.mean() <= area[1]:
+            break
+    line = Image.new("L", image.size)
+    ImageDraw.Draw(line).line(crack, fill=255, width=int(rng.integers(1, 3)))
+    line = np.asarray(line) > 0
+    share = rng.uniform(*darkening)
+    shade = np.where(line, min(2 * share, 0.95), np.where(region, share, 0.0)).astype(np.float32)[..., None]
+    pixels = np.asarray(image, dtype=np.float32) * (1 - shade)
+    return Image.fromarray(pixels.round().astype(np.uint8)), region | line
+
+
 def paste_patch(image: Image.Image, donor: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
     """A rectangle of ``donor``, 10-30 % of the side each way, pasted into ``image`` at another random place.
 
@@ -126,6 +184,7 @@ def make_validation_set(
     seed: int = 0,
     anomalies: Sequence[str] = ("perlin",),
     crack_darkening: tuple[float, float] = (0.4, 0.9),
+    inactive_darkening: tuple[float, float] = (0.1, 0.2),
 ) -> Path:
     """Write a tuning set from training images (see the module docstring).
 
@@ -137,9 +196,11 @@ def make_validation_set(
         blend: Range of the anomalies' opacity (anomalib's validation split uses 0.01 to 0.2).
         seed: Seed of the hold-out draw and the anomalies.
         anomalies: Kinds of anomalous copies, each its own defect folder: ``"perlin"``, ``"crack"``,
-            ``"cutpaste"`` (its patch comes from the next held-out image, or the same one when only one is).
+            ``"cutpaste"`` (its patch comes from the next held-out image, or the same one when only one is),
+            ``"inactive"``.
             Each kind draws from its own random stream, so adding one leaves the others as they were.
         crack_darkening: Range of the share by which a crack darkens what it crosses.
+        inactive_darkening: Range of the share by which an ``"inactive"`` copy's cut-off part is darkened.
 
     Returns:
         Path: ``root``, to pass as the data module's root.
@@ -163,7 +224,7 @@ def make_validation_set(
         (base / folder).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     generator = PerlinAnomalyGenerator(probability=1.0, blend_factor=blend)
-    crack_rng, paste_rng = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
+    crack_rng, paste_rng, inactive_rng = (np.random.default_rng([seed, stream]) for stream in (1, 2, 3))
     for rank, index in enumerate(order):
         image = Image.open(images[index]).convert("RGB")
         name = f"{rank:04d}.png"
@@ -179,6 +240,8 @@ def make_validation_set(
                 mask = mask[0].numpy() > 0
             elif kind == "crack":
                 anomalous, mask = draw_crack(image, crack_rng, crack_darkening)
+            elif kind == "inactive":
+                anomalous, mask = darken_cut_off_region(image, inactive_rng, inactive_darkening)
             else:
                 donor = Image.open(images[order[(rank + 1) % held_out]]).convert("RGB")
                 anomalous, mask = paste_patch(image, donor, paste_rng)
@@ -221,6 +284,10 @@ def main() -> None:
         help="range of the share by which cracks darken the cell",
     )
     parser.add_argument(
+        "--inactive-darkening", nargs=2, type=float, default=[0.1, 0.2], metavar=("LOW", "HIGH"),
+        help="range of the share by which an inactive copy's cut-off part is darkened",
+    )
+    parser.add_argument(
         "--uncertain-cells", action="store_true",
         help="with --elpv: also copy the cells of defect probability 1/3 or 2/3 to test/uncertain (real, not training, cells)",
     )
@@ -239,6 +306,7 @@ def main() -> None:
         seed=arguments.seed,
         anomalies=arguments.anomalies,
         crack_darkening=tuple(arguments.crack_darkening),
+        inactive_darkening=tuple(arguments.inactive_darkening),
     )
     if arguments.uncertain_cells:
         written = write_uncertain_cells(arguments.root / "validation" / "test" / "uncertain", arguments.elpv)
