@@ -22,6 +22,7 @@ Paper:
     Yao et al., IEEE T-ASE 2023, https://arxiv.org/abs/2303.17882
 """
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -331,6 +332,30 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         model_arguments = {key: self.hparams[key] for key in ARCHITECTURE}
         return DadfModel(input_size=input_size, pre_trained=False, **model_arguments)
 
+    def _refuse_arguments_the_checkpoint_predates(self, saved: dict[str, Any]) -> None:
+        """Name the architecture arguments set away from their defaults that the checkpoint has no value for.
+
+        A checkpoint without a value was saved before the argument existed, so its weights (and its
+        thresholds) were made without what the argument adds; rebuilt with it, the network would miss
+        weights (a blur kernel, a position encoding) or score differently from the thresholds.
+
+        Raises:
+            ValueError: Such an argument is set.
+        """
+        defaults = inspect.signature(type(self).__init__).parameters
+        newer = [
+            key for key in ARCHITECTURE
+            if key not in saved and _plain(self.hparams.get(key)) != _plain(defaults[key].default)
+        ]
+        if newer:
+            settings = ", ".join(f"{key}={self.hparams.get(key)!r}" for key in newer)
+            msg = (
+                f"This checkpoint was saved before {', '.join(newer)} existed, so it was trained without them, but "
+                f"this model sets {settings}. Leave them out (e.g. drop --model.{newer[0]} from the command "
+                "line) to test or export the checkpoint as trained, or train a new model with them."
+            )
+            raise ValueError(msg)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the pre-processor and rebuild the network as the checkpoint's, before its weights load.
 
@@ -340,7 +365,8 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         from the command line). Lightning loads the state dict after this hook.
 
         Raises:
-            ValueError: The checkpoint is not a DADF checkpoint.
+            ValueError: The checkpoint is not a DADF checkpoint, or it predates an architecture argument that
+                this module sets away from its default.
         """
         state = checkpoint.get("state_dict", {})
         if not any(key.startswith("model.transformer.") for key in state):
@@ -353,6 +379,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("hyper_parameters", {})
         architecture = {key: saved[key] for key in ARCHITECTURE if key in saved}
+        self._refuse_arguments_the_checkpoint_predates(saved)
         differs = any(_plain(self.hparams.get(key)) != _plain(value) for key, value in architecture.items())
         if differs or (self.input_size is not None and tuple(self.input_size) != self.model.input_size):
             self.hparams.update(architecture)

@@ -203,6 +203,25 @@ def trained_checkpoint(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactor
     return Path(engine.trainer.checkpoint_callback.best_model_path)
 
 
+def test_a_checkpoint_older_than_an_argument_set_on_the_command_line_is_refused_by_name(
+    trained_checkpoint: Path, mvtec_root: Path, tmp_path: Path,
+) -> None:
+    """``anomalib test --ckpt_path OLD --model.map_sigma 2``: OLD was trained before the blur existed."""
+    checkpoint = torch.load(trained_checkpoint, weights_only=False)
+    for key in ("map_sigma", "prior_pooling"):
+        del checkpoint["hyper_parameters"][key]
+    older = tmp_path / "before-map-sigma.ckpt"
+    torch.save(checkpoint, older)
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1)
+    datamodule = MVTec(root=mvtec_root, category="widget", eval_batch_size=4, num_workers=0)
+
+    with pytest.raises(ValueError, match=r"saved before prior_pooling, map_sigma existed.*sets prior_pooling=3, map_sigma=2\.0.*"
+                                         r"drop --model\.prior_pooling"):
+        engine.test(model=tiny_dadf(map_sigma=2.0, prior_pooling=3), datamodule=datamodule, ckpt_path=older)
+    (tested,) = engine.test(model=tiny_dadf(), datamodule=datamodule, ckpt_path=older)
+    assert 0 <= tested["image_AUROC"] <= 1, "left at their defaults, the arguments change nothing and it loads"
+
+
 def test_predict_skips_an_unreadable_image_and_predicts_the_rest(
     mvtec_root: Path, trained_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
