@@ -6,7 +6,9 @@ stop, cap 150) that has both a validation row on that set and test rows on ELPV 
 three seeds on each, and the score its study ranked it by (the mean of image and pixel AUROC over seeds and then
 over the study's three validation sets). Writes a table and the Spearman rank correlations with the test column,
 for DADF, FastFlow and both together. Where ``configs/tuning_uncertain_cells_exact.yaml`` has run, the settings'
-image AUROC on ELPV mono's uncertain cells (the proposed validation protocol; one seed) is a column too.
+image AUROC on ELPV mono's uncertain cells (the proposed validation protocol; one seed) is a column too. Where
+``configs/tuning_inactive_regions.yaml``'s tally has run, so is their image AUROC on its validation cells with cut-off
+dark regions (one seed), and a second table ranks each set against the uncertain cells, as that config's rule reads.
 
     python benchmarks/validation_agreement.py   # writes benchmarks/results/validation_agreement.md
 """
@@ -22,6 +24,7 @@ VALIDATION_SET = "ELPV mono, cracks 10-20 %"
 TEST_SET = "ELPV mono"
 # Rows named after the settings below.
 UNCERTAIN_RUN, UNCERTAIN_SET = "tuning_uncertain_cells_exact", "ELPV mono, uncertain cells (validation set)"
+INACTIVE_RUN = "tuning_inactive_regions"
 
 # setting: (family, (validation study, its row), (test run, its row))
 SETTINGS = {
@@ -84,10 +87,11 @@ def results(run: str) -> pd.DataFrame:
     return pd.read_csv(RESULTS / run / "results.csv")
 
 
-def image_auroc(run: str, model: str, data: str) -> tuple[float, int]:
-    """Mean image AUROC of one model's rows on one data set of a run, and how many seeds it averages."""
+def image_auroc(run: str, model: str, data: str, seed: int | None = None) -> tuple[float, int]:
+    """Mean image AUROC of one model's rows on one data set of a run (of one seed, if given), and how many seeds it
+    averages."""
     rows = results(run)
-    rows = rows[(rows["model"] == model) & (rows["data"] == data)]
+    rows = rows[(rows["model"] == model) & (rows["data"] == data) & ((rows["seed"] == seed) if seed is not None else True)]
     if rows.empty:
         msg = f"No rows of '{model}' on '{data}' in {RESULTS / run / 'results.csv'}."
         raise ValueError(msg)
@@ -101,25 +105,32 @@ def rule_score(study: str, model: str) -> float:
     return float(((rows["image_AUROC"] + rows["pixel_AUROC"]) / 2).groupby(rows["data"]).mean().mean())
 
 
-def uncertain_cells() -> dict[str, float]:
-    """Each setting's image AUROC on the uncertain cells, for the settings that have run there."""
-    if not (RESULTS / UNCERTAIN_RUN / "results.csv").is_file():
+def one_seed_column(run: str, data: str | None = None) -> dict[str, float]:
+    """Each setting's image AUROC in a run named after the settings, on ``data`` (or the run's only data set); empty
+    where the run has not been written."""
+    if not (RESULTS / run / "results.csv").is_file():
         return {}
-    rows = results(UNCERTAIN_RUN)
-    return rows[rows["data"] == UNCERTAIN_SET].groupby("model")["image_AUROC"].mean().to_dict()
+    rows = results(run)
+    if data is None and rows["data"].nunique() != 1:
+        msg = f"{RESULTS / run / 'results.csv'} should hold one data set, not {sorted(rows['data'].unique())}."
+        raise ValueError(msg)
+    rows = rows if data is None else rows[rows["data"] == data]
+    return rows.groupby("model")["image_AUROC"].mean().to_dict()
 
 
 def agreement() -> pd.DataFrame:
-    """One row per setting: family, validation image AUROC, its study's score, the uncertain cells' image AUROC
-    (NaN where not run), test image AUROC, the seeds."""
-    uncertain = uncertain_cells()
+    """One row per setting: family, validation image AUROC (mean and seed 0), its study's score, the image AUROC on
+    the uncertain cells and on the cut-off regions (NaN where not run), test image AUROC, the seeds."""
+    uncertain, inactive = one_seed_column(UNCERTAIN_RUN, UNCERTAIN_SET), one_seed_column(INACTIVE_RUN)
     rows = []
     for setting, (family, (study, validated), (run, tested)) in SETTINGS.items():
         validation, validation_seeds = image_auroc(study, validated, VALIDATION_SET)
+        first_seed = image_auroc(study, validated, VALIDATION_SET, seed=0)[0]
         test, test_seeds = image_auroc(run, tested, TEST_SET)
-        rows.append({"family": family, "setting": setting, "validation": validation,
+        rows.append({"family": family, "setting": setting, "validation": validation, "seed 0": first_seed,
                      "rule": rule_score(study, validated), "uncertain": uncertain.get(setting, float("nan")),
-                     "test": test, "seeds": f"{validation_seeds} / {test_seeds}"})
+                     "inactive": inactive.get(setting, float("nan")), "test": test,
+                     "seeds": f"{validation_seeds} / {test_seeds}"})
     return pd.DataFrame(rows)
 
 
@@ -136,13 +147,14 @@ def report(table: pd.DataFrame) -> str:
         f"Image AUROC, mean of the seeds: validation = '{VALIDATION_SET}' (drawn cracks on held-out training cells),",
         f"test = '{TEST_SET}' (real cells). Rows are read from `benchmarks/results/<run>/results.csv`; nothing is trained.",
         "",
-        "| family | setting | validation | study's score | uncertain cells (1 seed) | test | seeds (validation / test) |",
-        "|---|---|---|---|---|---|---|",
+        ("| family | setting | validation | study's score | uncertain cells (1 seed) | cut-off regions (1 seed) | test "
+         "| seeds (validation / test) |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in table.sort_values(["family", "validation"], ascending=[True, False]).itertuples():
         lines.append(
             f"| {row.family} | {row.setting} | {row.validation:.3f} | {row.rule:.3f} | {number(row.uncertain, '.3f')} "
-            f"| {row.test:.3f} | {row.seeds} |",
+            f"| {number(row.inactive, '.3f')} | {row.test:.3f} | {row.seeds} |",
         )
     lines += [
         "",
@@ -155,6 +167,20 @@ def report(table: pd.DataFrame) -> str:
         )
         cells = part["uncertain"].notna().sum()
         lines.append(f"| {name} | {len(part)} | {by_set:+.2f} | {by_rule:+.2f} | {cells}, {number(by_cells, '+.2f')} |")
+    both = table.dropna(subset=["uncertain", "inactive"])
+    if not both.empty:
+        lines += [
+            "",
+            (f"Against the uncertain cells, over the {len(both)} settings run on both one-seed sets "
+             "(configs/tuning_inactive_regions.yaml's rule):"),
+            "",
+            "| set | Spearman with the uncertain cells | Spearman with the test cells |",
+            "|---|---|---|",
+        ]
+        for column, name in (("validation", "drawn cracks, mean of 3 seeds"), ("seed 0", "drawn cracks, seed 0"),
+                             ("inactive", "cut-off regions, seed 0")):
+            by_cells, by_test = (both[column].corr(both[other], method="spearman") for other in ("uncertain", "test"))
+            lines.append(f"| {name} | {by_cells:+.2f} | {by_test:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
