@@ -3,6 +3,7 @@
 import inspect
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -335,3 +336,34 @@ def test_committed_benchmark_configs_name_real_classes_and_arguments(name: str) 
     for entry in config["models"] + config["data"]:
         signature = inspect.signature(import_class(entry["class_path"]))
         signature.bind_partial(**entry.get("init_args", {}))  # raises on an argument the class does not take
+
+
+KILLED_HARNESS = """
+import multiprocessing, os, time
+from concurrent.futures import ProcessPoolExecutor
+from anomalib_dadf.benchmark.job import exit_with_parent
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent)
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 300)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_a_fit_stops_when_the_harness_is_killed() -> None:
+    harness = subprocess.Popen([sys.executable, "-c", KILLED_HARNESS], stdout=subprocess.PIPE, text=True)
+    worker = int(harness.stdout.readline())
+    harness.kill()
+    harness.wait()
+
+    def running() -> bool:
+        try:
+            return Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not running(), "the worker outlived the harness"

@@ -10,9 +10,11 @@ that its peak resident memory is its own.
 import importlib
 import logging
 import multiprocessing
+import os
 import resource
 import statistics
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Generator
@@ -105,6 +107,17 @@ def epochs_per_flow(trainer: Trainer) -> dict[str, str]:
     return {"epochs_per_flow": " ".join(map(str, epochs))}
 
 
+def exit_with_parent() -> None:
+    """Stop this pool worker as soon as the process that started it ends.
+
+    A ``kill`` of the harness would otherwise leave its current fit running on the cores, unseen, slowing
+    whatever runs next (a ``Ctrl-C`` reaches both, a ``kill`` only the harness).
+    """
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+
+
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Fit and test one model on one data set (with ``fit_only``, only fit it); meant to run in a fresh process.
 
@@ -181,7 +194,9 @@ class DadfBenchmarkJob(Job):
         row = {"data": self.spec["data"]["name"], "model": self.spec["model"]["name"], "seed": self.spec["seed"]}
         context = multiprocessing.get_context("spawn")
         try:
-            with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as executor:
+            with ProcessPoolExecutor(
+                max_workers=1, mp_context=context, max_tasks_per_child=1, initializer=exit_with_parent,
+            ) as executor:
                 row |= executor.submit(measure, self.spec).result()
         except Exception as error:
             logger.exception("Benchmark job %s failed", row)
