@@ -101,6 +101,11 @@ def test_an_inactive_copy_darkens_the_part_a_crack_cuts_off_an_edge_and_nothing_
     assert (plain[mask] < faint[mask]).all()
 
 
+def test_an_area_the_smaller_part_cannot_cover_is_named() -> None:
+    with pytest.raises(ValueError, match=r"area must be a range within \[0, 0\.5\]"):
+        darken_cut_off_region(Image.new("RGB", (32, 32)), np.random.default_rng(0), area=(0.6, 0.9))
+
+
 def test_inactive_copies_are_written_with_their_masks(mvtec_root: Path, tmp_path: Path) -> None:
     sources = sorted((mvtec_root / "widget" / "train" / "good").glob("*.png"))
     base = make_validation_set(sources, tmp_path / "inactive", holdout=0.25, seed=1, anomalies=("inactive",)) / "validation"

@@ -39,8 +39,7 @@ Example:
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_faint_cracks --elpv mono --anomalies perlin crack \
         --crack-darkening 0.1 0.4
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_cutpaste --elpv mono --anomalies cutpaste
-    python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_inactive --elpv mono --anomalies inactive \
-        --inactive-darkening 0.1 0.2
+    python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_inactive --elpv mono --anomalies inactive
     python -m anomalib_dadf.data.validation datasets/tuning/elpv_mono_uncertain --elpv mono --uncertain-cells
 """
 
@@ -117,7 +116,7 @@ def _on_border(t: float, width: int, height: int) -> tuple[float, float]:
 def darken_cut_off_region(
     image: Image.Image,
     rng: np.random.Generator,
-    darkening: tuple[float, float] = (0.1, 0.2),
+    darkening: tuple[float, float] = (0.02, 0.05),
     area: tuple[float, float] = (0.05, 0.35),
 ) -> tuple[Image.Image, np.ndarray]:
     """A crack from one edge of ``image`` to another, and the smaller part it cuts off darkened.
@@ -129,7 +128,13 @@ def darken_cut_off_region(
 
     Returns:
         tuple[Image.Image, np.ndarray]: The darkened copy and its boolean mask (the part and the crack).
+
+    Raises:
+        ValueError: An ``area`` range that the smaller part cannot cover (it is at most half the image).
     """
+    if not 0 <= area[0] < area[1] <= 0.5:
+        msg = f"area must be a range within [0, 0.5] (the smaller part is at most half the image), got {area}."
+        raise ValueError(msg)
     width, height = image.size
     while True:
         start = rng.uniform(0, 4)
@@ -184,7 +189,7 @@ def make_validation_set(
     seed: int = 0,
     anomalies: Sequence[str] = ("perlin",),
     crack_darkening: tuple[float, float] = (0.4, 0.9),
-    inactive_darkening: tuple[float, float] = (0.1, 0.2),
+    inactive_darkening: tuple[float, float] = (0.02, 0.05),
 ) -> Path:
     """Write a tuning set from training images (see the module docstring).
 
@@ -200,7 +205,9 @@ def make_validation_set(
             ``"inactive"``.
             Each kind draws from its own random stream, so adding one leaves the others as they were.
         crack_darkening: Range of the share by which a crack darkens what it crosses.
-        inactive_darkening: Range of the share by which an ``"inactive"`` copy's cut-off part is darkened.
+        inactive_darkening: Range of the share by which an ``"inactive"`` copy's cut-off part is darkened. The
+            default, 2-5 %, is the band calibrated on ELPV mono at 128 x 128 (the chosen DADF's image AUROC
+            0.89; 5-10 % saturates at 0.996, 1-2 % is near chance).
 
     Returns:
         Path: ``root``, to pass as the data module's root.
@@ -284,7 +291,7 @@ def main() -> None:
         help="range of the share by which cracks darken the cell",
     )
     parser.add_argument(
-        "--inactive-darkening", nargs=2, type=float, default=[0.1, 0.2], metavar=("LOW", "HIGH"),
+        "--inactive-darkening", nargs=2, type=float, default=[0.02, 0.05], metavar=("LOW", "HIGH"),
         help="range of the share by which an inactive copy's cut-off part is darkened",
     )
     parser.add_argument(
