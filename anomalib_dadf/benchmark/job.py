@@ -114,8 +114,14 @@ def exit_with_parent() -> None:
     whatever runs next (a ``Ctrl-C`` reaches both, a ``kill`` only the harness).
     """
     parent = multiprocessing.parent_process()
-    if parent is not None:
-        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
+    if parent is None:
+        return
+
+    def exit_once_parent_ends() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=exit_once_parent_ends, daemon=True).start()
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:

@@ -136,11 +136,11 @@ def darken_cut_off_region(
         msg = f"area must be a range within [0, 0.5] (the smaller part is at most half the image), got {area}."
         raise ValueError(msg)
     width, height = image.size
+    along = np.linspace(0, 1, 9)[:, None]
     while True:
         start = rng.uniform(0, 4)
         end = np.floor(start) + rng.integers(1, 4) + rng.uniform(0, 1)
         ends = np.array([_on_border(start, width, height), _on_border(end, width, height)])
-        along = np.linspace(0, 1, 9)[:, None]
         crack = ends[0] + along * (ends[1] - ends[0])
         crack[1:-1] += rng.uniform(-0.04, 0.04, (7, 2)) * min(width, height)
         crack = [tuple(point) for point in crack]
