@@ -13,7 +13,7 @@ import yaml
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator
 from anomalib_dadf.benchmark import TimmFastflow, import_class
-from anomalib_dadf.benchmark.__main__ import cap_seeds, merged, read_rows
+from anomalib_dadf.benchmark.__main__ import cap_seeds, input_sizes, merged, read_rows
 from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, build, measure
 from anomalib_dadf.benchmark.report import ranking, summarise
 from anomalib_dadf.data.synthetic import make_mvtec_loco
@@ -259,6 +259,8 @@ def test_a_model_may_run_at_its_own_input_size() -> None:
               "seeds": 1, "data": [{"name": "x"}]}
     sizes = {job.spec["model"]["name"]: job.spec["input_size"] for job in DadfBenchmarkJobGenerator()(config)}
     assert sizes == {"A": [128, 128], "B": [64, 64]}
+    assert input_sizes(config) == "Input [64, 64] for every model but A ([128, 128])"
+    assert input_sizes({**config, "models": [{"name": "B"}]}) == "Input [64, 64] for every model"
 
 
 def test_a_partial_run_replaces_only_its_cells_and_keeps_config_order(tmp_path: Path) -> None:

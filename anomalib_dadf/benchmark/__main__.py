@@ -35,6 +35,17 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.system()}"
 
 
+def input_sizes(config: dict) -> str:
+    """What the report says of the input size: the config's, and each model's own where it has one.
+
+    Example:
+        >>> input_sizes({"input_size": [128, 128], "models": [{"name": "A"}, {"name": "B", "input_size": [256, 256]}]})
+        'Input [128, 128] for every model but B ([256, 256])'
+    """
+    own = [f"{model['name']} ({model['input_size']})" for model in config.get("models", []) if "input_size" in model]
+    return f"Input {config.get('input_size')} for every model" + (f" but {', '.join(own)}" if own else "")
+
+
 def read_rows(path: Path) -> pd.DataFrame:
     """The rows of a ``results.csv``, every number read back to the bit, so that writing them again keeps their text."""
     return pd.read_csv(path, float_precision="round_trip")
@@ -104,7 +115,7 @@ def main() -> None:
         f"# Benchmark: {config.get('title', arguments.config.stem)}\n\n"
         f"Command: `python -m anomalib_dadf.benchmark {shlex.join(sys.argv[1:])}` "
         f"(config `{arguments.config}`), {datetime.date.today().isoformat()}, {machine()}, "
-        f"{ran}. Input {config.get('input_size')} for every model; "
+        f"{ran}. {input_sizes(config)}; "
         "metrics are mean ± std over seeds; fit and test seconds, inference ms per image (model forward incl. "
         "pre- and post-processing, one test batch), peak resident memory of the run's process.\n\n"
         f"{config.get('notes', '').strip()}"
