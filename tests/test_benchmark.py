@@ -13,7 +13,7 @@ import yaml
 
 from anomalib_dadf.anomaly_map import AnomalyMapGenerator
 from anomalib_dadf.benchmark import TimmFastflow, import_class
-from anomalib_dadf.benchmark.__main__ import cap_seeds, input_sizes, merged, read_rows
+from anomalib_dadf.benchmark.__main__ import cap_seeds, input_sizes, merged, read_rows, record_run, recorded_runs
 from anomalib_dadf.benchmark.job import DadfBenchmarkJobGenerator, build, measure
 from anomalib_dadf.benchmark.report import ranking, summarise
 from anomalib_dadf.data.synthetic import make_mvtec_loco
@@ -194,7 +194,18 @@ def test_grid_writes_csv_markdown_and_plot_and_a_report_rewrite_keeps_the_csv(mv
     )
     assert rewritten.returncode == 0, (rewritten.stdout + rewritten.stderr)[-4000:]
     assert (output / "results.csv").read_bytes() == rows_text, "the rows a run wrote are never rewritten"
-    assert "report rewritten from the results.csv" in (output / "summary.md").read_text()
+    summary = (output / "summary.md").read_text()
+    assert "report rewritten from the results.csv" in summary
+    (run,) = recorded_runs(output)
+    assert f"- {run}" in summary and "--output" in run and "--report-only" not in run
+
+
+def test_the_report_names_every_run_that_wrote_its_rows(tmp_path: Path) -> None:
+    assert recorded_runs(tmp_path) == [], "a folder from before runs.txt was kept names no run"
+    record_run(tmp_path, "whole grid", partial=False)
+    assert record_run(tmp_path, "one cell", partial=True) == ["whole grid", "one cell"]
+    assert recorded_runs(tmp_path) == ["whole grid", "one cell"]
+    assert record_run(tmp_path, "whole grid again", partial=False) == ["whole grid again"]
 
 
 CONFIG = {

@@ -10,6 +10,9 @@ starts at seed K, so later seeds can be added to cells whose first seeds already
 the re-run cells are replaced (with ``--first-seed K``, only their seeds from K on), all others are kept,
 and the report is written anew. ``--report-only`` runs nothing and writes the report anew from the
 folder's ``results.csv``, which it leaves as it is (after a change to the config's ``notes`` or ``rank_by``, say).
+Each run that writes rows adds its command line to the folder's ``runs.txt`` (a whole-grid run starts it
+anew), and the report names every command there: a table merged from several partial runs says how each
+part was made.
 """
 
 import argparse
@@ -74,6 +77,28 @@ def merged(results: pd.DataFrame, previous: Path, config: dict, first_seed: int 
     return results.loc[positions.sort_values(["data", "model"], kind="stable").index].reset_index(drop=True)
 
 
+def record_run(output: Path, run: str, *, partial: bool) -> list[str]:
+    """Add ``run`` to the commands in ``output``'s ``runs.txt`` (replace them for a whole-grid run); all of them.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> record_run(folder, "a", partial=False), record_run(folder, "b", partial=True)
+        (['a'], ['a', 'b'])
+        >>> record_run(folder, "c", partial=False)
+        ['c']
+    """
+    runs = [*recorded_runs(output), run] if partial else [run]
+    (output / "runs.txt").write_text("".join(f"{line}\n" for line in runs))
+    return runs
+
+
+def recorded_runs(output: Path) -> list[str]:
+    """The commands of ``output``'s ``runs.txt``, oldest first; none for a folder written before it was kept."""
+    path = output / "runs.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
 def cap_seeds(config: dict, seeds: int) -> None:
     """Let every model of ``config`` run at most ``seeds`` seeds (a data entry's ``seeds`` caps its models')."""
     for data in config["data"]:
@@ -95,9 +120,13 @@ def main() -> None:
         cap_seeds(config, arguments.seeds)
     output = arguments.output or Path(config.get("output", "results/benchmark"))
 
+    command = f"python -m anomalib_dadf.benchmark {shlex.join(sys.argv[1:])}"
     if arguments.report_only:
         results = read_rows(output / "results.csv")
-        ran = "report rewritten from the results.csv of an earlier run"
+        runs = recorded_runs(output)
+        ran = "report rewritten from the results.csv of the runs below" if runs else (
+            "report rewritten from the results.csv of an earlier run"
+        )
     else:
         start = time.perf_counter()
         runner = SerialRunner(DadfBenchmarkJobGenerator(arguments.models, arguments.data, arguments.first_seed))
@@ -111,14 +140,17 @@ def main() -> None:
         ran = f"{minutes:.0f} min{' for the re-run cells' if partial else ' in all'}"
         output.mkdir(parents=True, exist_ok=True)
         results.to_csv(output / "results.csv", index=False)
+        today = datetime.date.today().isoformat()
+        runs = record_run(output, f"`{command}`: {today}, {machine()}, {ran}", partial=partial)
+    listed = "".join(f"- {run}\n" for run in runs)
     header = (
         f"# Benchmark: {config.get('title', arguments.config.stem)}\n\n"
-        f"Command: `python -m anomalib_dadf.benchmark {shlex.join(sys.argv[1:])}` "
-        f"(config `{arguments.config}`), {datetime.date.today().isoformat()}, {machine()}, "
+        f"Command: `{command}` (config `{arguments.config}`), {datetime.date.today().isoformat()}, {machine()}, "
         f"{ran}. {input_sizes(config)}; "
         "metrics are mean ± std over seeds; fit and test seconds, inference ms per image (model forward incl. "
         "pre- and post-processing, one test batch), peak resident memory of the run's process.\n\n"
-        f"{config.get('notes', '').strip()}"
+        + (f"The rows were written by these runs (runs.txt), oldest first:\n\n{listed}\n" if runs else "")
+        + f"{config.get('notes', '').strip()}"
     )
     print(f"Wrote {write_report(results, output, header, config.get('rank_by'), config.get('cost_growth', False))}")
 
