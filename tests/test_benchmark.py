@@ -298,6 +298,16 @@ def test_ranking_averages_metrics_then_data_sets() -> None:
     ]
 
 
+def test_ranking_leaves_out_a_model_not_yet_run_on_every_data_set() -> None:
+    results = pd.DataFrame({
+        "data": ["x", "x", "y", "x", "y"], "model": ["A", "B", "A", "C", "C"], "seed": [0, 0, 0, 0, 0],
+        "image_AUROC": [0.7, 0.99, 0.9, 0.6, 0.6],
+    })
+    assert ranking(summarise(results), ["image_AUROC"]).splitlines()[2:] == [
+        "| 1 | A | 0.8000 |", "| 2 | C | 0.6000 |", "| none | B (on 1 of 2 data sets, not ranked) | 0.9900 |",
+    ]
+
+
 def test_ranking_puts_the_lowest_first_for_metrics_where_lower_is_better() -> None:
     results = pd.DataFrame({
         "data": ["x", "x", "y", "y"], "model": ["A", "B", "A", "B"], "seed": [0, 0, 0, 0],

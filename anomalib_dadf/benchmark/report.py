@@ -56,7 +56,9 @@ def markdown(summary: pd.DataFrame) -> str:
 def ranking(summary: pd.DataFrame, metrics: list[str]) -> str:
     """Models ranked by the mean over data sets of the mean of ``metrics`` (each itself a mean over seeds).
 
-    The best comes first: the highest score, or the lowest when every metric is one where lower is better.
+    The best comes first: the highest score, or the lowest when every metric is one where lower is better. A model
+    not yet run on every data set is listed after the ranked ones, unranked, with how many it ran on: its mean is
+    over other sets, so it cannot be compared.
 
     Raises:
         ValueError: ``metrics`` mixes metrics where higher is better with ones where lower is.
@@ -66,9 +68,17 @@ def ranking(summary: pd.DataFrame, metrics: list[str]) -> str:
         msg = f"Cannot rank by {metrics}: {sorted(LOWER_IS_BETTER)} are better when lower, the others when higher."
         raise ValueError(msg)
     score = summary[metrics].mean(axis=1).groupby(summary["model"], sort=False).mean().sort_values(ascending=lower.pop())
+    sets, every_set = summary.groupby("model", sort=False)["data"].nunique(), summary["data"].nunique()
+    complete = sets[score.index] == every_set
     lines = ["| rank | model | score |", "|---|---|---|"]
     # Four digits: the studies' rules ask a lead of 0.005, and candidates often land within 0.001 of the choice.
-    lines += [f"| {rank} | {model} | {value:.4f} |" for rank, (model, value) in enumerate(score.items(), start=1)]
+    lines += [
+        f"| {rank} | {model} | {value:.4f} |" for rank, (model, value) in enumerate(score[complete].items(), start=1)
+    ]
+    lines += [
+        f"| none | {model} (on {sets[model]} of {every_set} data sets, not ranked) | {value:.4f} |"
+        for model, value in score[~complete].items()
+    ]
     return "\n".join(lines)
 
 
