@@ -121,6 +121,7 @@ def main() -> None:
     output = arguments.output or Path(config.get("output", "results/benchmark"))
 
     command = f"python -m anomalib_dadf.benchmark {shlex.join(sys.argv[1:])}"
+    today = datetime.date.today().isoformat()
     if arguments.report_only:
         results = read_rows(output / "results.csv")
         runs = recorded_runs(output)
@@ -140,12 +141,11 @@ def main() -> None:
         ran = f"{minutes:.0f} min{' for the re-run cells' if partial else ' in all'}"
         output.mkdir(parents=True, exist_ok=True)
         results.to_csv(output / "results.csv", index=False)
-        today = datetime.date.today().isoformat()
         runs = record_run(output, f"`{command}`: {today}, {machine()}, {ran}", partial=partial)
     listed = "".join(f"- {run}\n" for run in runs)
     header = (
         f"# Benchmark: {config.get('title', arguments.config.stem)}\n\n"
-        f"Command: `{command}` (config `{arguments.config}`), {datetime.date.today().isoformat()}, {machine()}, "
+        f"Command: `{command}` (config `{arguments.config}`), {today}, {machine()}, "
         f"{ran}. {input_sizes(config)}; "
         "metrics are mean ± std over seeds; fit and test seconds, inference ms per image (model forward incl. "
         "pre- and post-processing, one test batch), peak resident memory of the run's process.\n\n"
