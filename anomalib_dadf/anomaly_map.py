@@ -18,6 +18,9 @@ default the map and the score see every scale; ``map_scales`` and ``score_scales
 scales can draw the map while coarse ones, less prone to false alarms on a single position, score the image.
 With ``sigma`` both maps are blurred by anomalib's Gaussian filter before the score is read, as PatchCore's and
 PaDiM's maps are: a defect that raises a neighbourhood then outscores a lone noisy position of the same height.
+With ``score_margin`` the score leaves out the map's border band, that share of each side (the map keeps it): a
+CNN's features near the border see its zero padding, and aligned parts (cells, boards) vary most at their edges,
+so a normal image's highest positions tend to lie there, the more so the finer the grid.
 
 Example:
     >>> import torch
@@ -39,6 +42,9 @@ Example:
     >>> peak[..., 0, 0] = 4.0  # one position of 16 stands out: its map value is 0.5 * 4^2 = 8
     >>> AnomalyMapGenerator((4, 4), kind="log_likelihood", score_top_fraction=0.25).score([peak]).pred_score.item()
     2.0
+    >>> inside = AnomalyMapGenerator((4, 4), kind="log_likelihood", score_margin=0.25).score([peak])
+    >>> inside.pred_score.item(), inside.anomaly_map.amax().item()  # the peak lies in the band: scored without it
+    (0.0, 8.0)
     >>> blurred = AnomalyMapGenerator((16, 16), kind="log_likelihood", sigma=1.0).score([peak])
     >>> blurred.pred_score.item() < 8.0, blurred.anomaly_map[0, 0, 8, 8].item() > 0.0  # the peak is spread out
     (True, True)
@@ -95,10 +101,14 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
             in (0, 1]; ``None``: its maximum.
         sigma: Standard deviation, in pixels of ``input_size``, of the Gaussian blur of the map and the score map
             in :meth:`score` (PatchCore's is 4); 0: none. :meth:`forward` gives the unblurred map.
+        score_margin: Share of each side of the score map (rows at the top and bottom, columns at the left and
+            right, rounded to whole pixels of ``input_size``) left out of the image score; 0: none.
+            ``score_top_fraction`` is then a share of the positions inside.
 
     Raises:
         ValueError: Unknown ``kind``, a ``score_top_fraction`` outside (0, 1], a negative ``sigma`` or one whose
-            kernel (``2 * int(4 * sigma + 0.5) + 1`` pixels wide) does not fit in the map.
+            kernel (``2 * int(4 * sigma + 0.5) + 1`` pixels wide) does not fit in the map, or a ``score_margin``
+            outside [0, 0.5) or one that leaves no position of the map inside.
     """
 
     def __init__(
@@ -109,6 +119,7 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         score_scales: Sequence[int] | None = None,
         score_top_fraction: float | None = None,
         sigma: float = 0.0,
+        score_margin: float = 0.0,
     ) -> None:
         super().__init__(input_size=input_size)
         if kind not in ANOMALY_MAPS:
@@ -120,7 +131,10 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
         if score_top_fraction is not None and not 0 < score_top_fraction <= 1:
             msg = f"score_top_fraction must be in (0, 1] (or None for the map's maximum), got {score_top_fraction}."
             raise ValueError(msg)
-        positions = self.input_size[0] * self.input_size[1]
+        self.score_window = self._inside(score_margin)
+        positions = (self.score_window[0].stop - self.score_window[0].start) * (
+            self.score_window[1].stop - self.score_window[1].start
+        )
         self.score_positions = None if score_top_fraction is None else max(1, round(score_top_fraction * positions))
         if sigma < 0:
             msg = f"The anomaly map's blur sigma must be 0 (no blur) or positive, got {sigma}."
@@ -134,6 +148,18 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
             raise ValueError(msg)
         # Identity keeps the state dict of an unblurred model as it was, so its older checkpoints still load.
         self.blur = GaussianBlur2d(sigma=sigma, channels=1) if sigma > 0 else nn.Identity()
+
+    def _inside(self, margin: float) -> tuple[slice, slice]:
+        """Rows and columns of the map inside a border band of ``margin`` of each side."""
+        height, width = self.input_size
+        rows, columns = round(margin * height), round(margin * width)
+        if not 0 <= margin < 0.5 or 2 * rows >= height or 2 * columns >= width:
+            msg = (
+                f"score_margin must be in [0, 0.5) and leave part of the {self.input_size} map inside its border band, "
+                f"got {margin}: choose a smaller margin."
+            )
+            raise ValueError(msg)
+        return slice(rows, height - rows), slice(columns, width - columns)
 
     @property
     def uses_log_jacobians(self) -> bool:
@@ -178,6 +204,8 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
     ) -> InferenceBatch:
         """Anomaly map of the ``map_scales`` and image score from the ``score_scales``' map (its maximum or top share).
 
+        The score leaves out the map's border band of ``score_margin``; the map covers the whole input.
+
         Args:
             hidden_variables: The latents, one ``(N, C, h, w)`` tensor per scale.
             log_jacobians: The flows' log-determinants per position, as for :meth:`forward`.
@@ -192,6 +220,7 @@ class AnomalyMapGenerator(ProbabilityMapGenerator):
             if self.score_scales == self.map_scales
             else self._scales_map(self.score_scales, hidden_variables, log_jacobians)
         )
+        score_map = score_map[..., self.score_window[0], self.score_window[1]]
         if self.score_positions is None:
             pred_score = torch.amax(score_map, dim=(-2, -1))
         else:

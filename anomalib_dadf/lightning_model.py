@@ -96,6 +96,7 @@ ARCHITECTURE = (
     "score_top_fraction",
     "prior_pooling",
     "map_sigma",
+    "score_margin",
 )
 
 
@@ -163,6 +164,10 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
             before the image score (its maximum or top share) is read, as PatchCore's and PaDiM's maps are blurred
             (their sigma is 4): a defect that raises a neighbourhood then outscores one noisy position. Defaults to
             ``0.0``: no blur, as the paper does.
+        score_margin (float): Share of each side of the anomaly map (in [0, 0.5)) left out of the image score: a
+            normal part's highest map values tend to lie in this border band, where the backbone sees its padding
+            and aligned parts vary most. The map itself keeps the band. Defaults to ``0.0``: the whole map, as the
+            paper scores.
         reconstruction_epochs (int): Epochs of stage 1 (Transformer); the cap when ``reconstruction_patience``
             is set. Defaults to ``200``.
         reconstruction_patience (int | None): End stage 1 once the reconstruction loss of held-out normal
@@ -219,7 +224,8 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
 
     Raises:
         ValueError: On a configuration that cannot work: unknown backbone or layers, fewer than three layers,
-            map or score layers outside ``layers``, a score top fraction outside (0, 1], a prior pooling width that
+            map or score layers outside ``layers``, a score top fraction outside (0, 1], a score margin outside
+            [0, 0.5), a prior pooling width that
             is not a positive odd number, an input size the token grid cannot take, a stage without epochs, a held-out
             share outside (0, 1) for the stage-1 stop, a flow patience below 1, or an unknown flow objective or flow
             stop.
@@ -247,6 +253,7 @@ class Dadf(DadfExportMixin, HeldOutFlowStopMixin, AnomalibModule):
         score_top_fraction: float | None = None,
         prior_pooling: int = 1,
         map_sigma: float = 0.0,
+        score_margin: float = 0.0,
         reconstruction_epochs: int = 200,
         reconstruction_patience: int | None = None,
         reconstruction_holdout: float = 0.1,

@@ -54,10 +54,13 @@ class DadfModel(nn.Module):
             (:func:`~anomalib_dadf.components.neighbourhood_pooling`); 1 (the paper's): none.
         map_sigma: Standard deviation in pixels of a Gaussian blur of the anomaly map before the image score is
             read (PatchCore's is 4); 0 (the paper's): none.
+        score_margin: Share of each side of the anomaly map left out of the image score (its border band); 0 (the
+            paper's): none.
 
     Raises:
         ValueError: Unknown, repeated or no flow inputs, an unknown anomaly map, or map or score layers that are
-            not among ``layers``, a top fraction outside (0, 1], a negative or too wide blur, a pooling width that is
+            not among ``layers``, a top fraction outside (0, 1], a negative or too wide blur, a score margin
+            outside [0, 0.5) or one that leaves no position inside, a pooling width that is
             not a positive odd number, or a positional width that is not 0 or a positive multiple of 4 (besides the
             prior's and the grid's errors).
     """
@@ -84,6 +87,7 @@ class DadfModel(nn.Module):
         score_top_fraction: float | None = None,
         prior_pooling: int = 1,
         map_sigma: float = 0.0,
+        score_margin: float = 0.0,
     ) -> None:
         super().__init__()
         self.flow_inputs = tuple(flow_inputs)
@@ -128,6 +132,7 @@ class DadfModel(nn.Module):
             score_scales=scale_indices(score_layers, layers, "score_layers"),
             score_top_fraction=score_top_fraction,
             sigma=map_sigma,
+            score_margin=score_margin,
         )
 
     def extract_priors(self, images: torch.Tensor) -> list[torch.Tensor]:

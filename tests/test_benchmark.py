@@ -59,14 +59,15 @@ def test_fastflow_can_score_images_with_other_maps_than_it_draws_and_by_their_to
     assert torch.allclose(output.pred_score, score_map.topk(256 * 128, dim=-1).values.mean(dim=-1))
 
 
-def test_fastflow_can_blur_its_map_as_dadf_does() -> None:
-    model = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2, map_sigma=4.0).eval()
-    assert model.hparams["map_sigma"] == 4.0
+def test_fastflow_can_blur_its_map_and_score_inside_its_border_band_as_dadf_does() -> None:
+    model = TimmFastflow(backbone="tf_efficientnet_lite0", pre_trained=False, flow_steps=2, map_sigma=4.0,
+                         score_margin=0.1).eval()
+    assert (model.hparams["map_sigma"], model.hparams["score_margin"]) == (4.0, 0.1)
     images = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
         latents, _ = model.model.flow(images)
         output = model.model(images)
-    expected = AnomalyMapGenerator((256, 256), sigma=4.0).score(latents)
+    expected = AnomalyMapGenerator((256, 256), sigma=4.0, score_margin=0.1).score(latents)
     assert torch.allclose(output.anomaly_map, expected.anomaly_map)
     assert torch.allclose(output.pred_score, expected.pred_score)
 

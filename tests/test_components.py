@@ -320,6 +320,22 @@ def test_the_score_can_be_the_mean_of_the_maps_top_share() -> None:
             DadfModel(input_size=(64, 64), backbone="resnet18", pre_trained=False, score_top_fraction=fraction)
 
 
+def test_the_score_can_leave_out_the_maps_border_band() -> None:
+    paper, inside = same_flows_two_maps("probability", score_margin=0.125)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        output, paper_output = inside(images), paper(images)
+    assert torch.equal(output.anomaly_map, paper_output.anomaly_map), "the map keeps the band"
+    assert torch.equal(output.pred_score, output.anomaly_map[..., 8:56, 8:56].amax(dim=(-2, -1))), "8 of 64 rows a side"
+    peak = torch.zeros(1, 1, 10, 10)
+    peak[..., 0, 5] = 4.0  # in the top band only
+    generator = AnomalyMapGenerator((10, 10), kind="log_likelihood", score_margin=0.1, score_top_fraction=1.0)
+    assert generator.score([peak]).pred_score.item() == 0.0, "the top share is taken of the 8 x 8 positions inside"
+    for margin in (-0.1, 0.5, 0.45):  # 0.45 of 8 rows rounds to 4 a side: none left inside
+        with pytest.raises(ValueError, match=rf"score_margin must be in \[0, 0.5\).*got {margin}"):
+            AnomalyMapGenerator((8, 8), score_margin=margin)
+
+
 def test_a_blurred_map_scores_a_raised_neighbourhood_above_a_lone_position_of_its_height() -> None:
     lone, patch = torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32)  # at the map's size: no upsampling
     lone[..., 16, 16] = 4.0

@@ -51,6 +51,7 @@ class TimmCnnFastflowModel(FastflowModel):
         prior_pooling: int = 1,
         flow_positions: int = 0,
         map_sigma: float = 0.0,
+        score_margin: float = 0.0,
     ) -> None:
         # Build anomalib's CNN path once with a name it accepts, then give it this backbone's parts.
         super().__init__(input_size, "resnet18", False, flow_steps, conv3x3_only, hidden_ratio)
@@ -94,6 +95,7 @@ class TimmCnnFastflowModel(FastflowModel):
             score_scales=scale_indices(score_out_indices, out_indices, "score_out_indices"),
             score_top_fraction=score_top_fraction,
             sigma=map_sigma,
+            score_margin=score_margin,
         )
 
     def _get_cnn_features(self, input_tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -131,7 +133,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
     ``out_indices`` are the backbone's ``features_only`` maps the flows model, anomalib's 1-3 by default;
     ``map_out_indices`` and ``score_out_indices`` (subsets of them, all by default) draw the anomaly map and give
     the image score, as DADF's ``map_layers`` and ``score_layers`` do; ``score_top_fraction``, ``prior_pooling``,
-    ``flow_positions`` and ``map_sigma`` are DADF's too.
+    ``flow_positions``, ``map_sigma`` and ``score_margin`` are DADF's too.
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
         prior_pooling: int = 1,
         flow_positions: int = 0,
         map_sigma: float = 0.0,
+        score_margin: float = 0.0,
         **kwargs,
     ) -> None:
         if flow_patience is not None:
@@ -182,6 +185,7 @@ class TimmFastflow(HeldOutFlowStopMixin, Fastflow):
             prior_pooling=prior_pooling,
             flow_positions=flow_positions,
             map_sigma=map_sigma,
+            score_margin=score_margin,
         )
         self.init_held_out_flow_nll(len(out_indices))
 
