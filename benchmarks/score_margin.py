@@ -14,7 +14,6 @@ of the best margin's.
 """
 
 import argparse
-import csv
 import tempfile
 import time
 from pathlib import Path
@@ -79,12 +78,9 @@ def run(spec: dict, margins: list[float], output: Path) -> None:
             row = {"data": spec["data"]["name"], "model": spec["model"]["name"], "seed": spec["seed"],
                    "score_margin": margin, "fit_s": fit_s, **aurocs(*predict(engine, model, datamodule))}
             print(row, flush=True)
-            new = not output.exists()
-            with output.open("a", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            earlier = pd.read_csv(output) if output.exists() else pd.DataFrame()
+            # Sets differ in their kinds of anomaly: the union of their columns, each value under its own name.
+            pd.concat([earlier, pd.DataFrame([row])], ignore_index=True).to_csv(output, index=False)
 
 
 def summarise(results: Path, tolerance: float) -> str:
