@@ -101,13 +101,14 @@ def test_exported_model_matches_the_lightning_model(trained, export_type: Export
         {"prior_pooling": 3},
         {"flow_positions": 4},
         {"map_sigma": 4.0},
+        {"score_margin": 0.1},
     ],
-    ids=["own-score", "pooled-prior", "positional-flows", "blurred-map"],
+    ids=["own-score", "pooled-prior", "positional-flows", "blurred-map", "score-margin"],
 )
 def test_the_density_map_exports_with_parity_with_its_own_score_or_a_pooled_prior(trained, monkeypatch, options, tmp_path) -> None:
     # Its per-position log-determinants are read with forward hooks, which the traced export must keep; the
     # score's own layers and top share, the prior's pooling without its padding, the flows' positions (a buffer
-    # that is not saved) and the map's blur are ops of the graph too.
+    # that is not saved), the map's blur and the score's margin are ops of the graph too.
     monkeypatch.chdir(trained.work)
     seed_everything(0)
     model = Dadf(
