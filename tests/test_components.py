@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from anomalib.data import InferenceBatch
 from anomalib.models.components import GaussianBlur2d
 from anomalib.models.image.fastflow.torch_model import create_fast_flow_block, subnet_conv_func
 
@@ -306,12 +307,18 @@ def test_the_map_and_the_score_can_come_from_their_own_layers() -> None:
     assert not torch.equal(output.pred_score, output.anomaly_map.amax(dim=(-2, -1))), "the score is not the map's"
 
 
-def test_the_score_can_be_the_mean_of_the_maps_top_share() -> None:
-    paper, top_tenth = same_flows_two_maps("probability", score_top_fraction=0.1)
+def paper_and_scored_outputs(**scoring: object) -> tuple[InferenceBatch, InferenceBatch]:
+    """The outputs on two random images of a tiny model scored with ``scoring`` and of the paper's, same weights; same maps."""
+    paper, scored = same_flows_two_maps("probability", **scoring)
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        output, paper_output = top_tenth(images), paper(images)
+        output, paper_output = scored(images), paper(images)
     assert torch.equal(output.anomaly_map, paper_output.anomaly_map), "the map is the paper's"
+    return output, paper_output
+
+
+def test_the_score_can_be_the_mean_of_the_maps_top_share() -> None:
+    output, paper_output = paper_and_scored_outputs(score_top_fraction=0.1)
     highest = output.anomaly_map.flatten(start_dim=-2).sort(dim=-1, descending=True).values[..., :410]  # 10 % of 4096
     assert torch.allclose(output.pred_score, highest.mean(dim=-1))
     assert (output.pred_score < paper_output.pred_score).all(), "below the maximum"
@@ -321,11 +328,7 @@ def test_the_score_can_be_the_mean_of_the_maps_top_share() -> None:
 
 
 def test_the_score_can_leave_out_the_maps_border_band() -> None:
-    paper, inside = same_flows_two_maps("probability", score_margin=0.125)
-    images = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        output, paper_output = inside(images), paper(images)
-    assert torch.equal(output.anomaly_map, paper_output.anomaly_map), "the map keeps the band"
+    output, _ = paper_and_scored_outputs(score_margin=0.125)  # the map keeps the band
     assert torch.equal(output.pred_score, output.anomaly_map[..., 8:56, 8:56].amax(dim=(-2, -1))), "8 of 64 rows a side"
     peak = torch.zeros(1, 1, 10, 10)
     peak[..., 0, 5] = 4.0  # in the top band only
